@@ -1,0 +1,98 @@
+"""The typed configuration: one frozen section per concern.
+
+Recipe files (raysnet/recipes/*.yaml) fill these in, then `key=value` overrides. The same
+resolved config is Ray's `train_loop_config`, Tune's base `param_space` and MLflow's params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    shortcut: Optional[Literal["A", "B", "C"]] = None  # None: the paper's (A for CIFAR, B for ImageNet)
+    variant: Optional[Literal["v1", "v1.5"]] = None  # None: the paper's "v1"
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model in each worker
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A dataset recipe (raysnet/recipes/data/NAME.yaml): where the FFCV files are, how to augment."""
+
+    name: str = "digits"
+    # Dataset directory with train.beton, val.beton, meta.json (see `python -m raysnet.prepare`).
+    # Empty: $RAYSNET_DATA/<name>, or ~/.cache/raysnet/data/<name>.
+    root: str = ""
+    # Prepare this source into `root` on first use (only the embedded `digits` needs no download).
+    auto_prepare: bool = False
+    # "cifar": pad + random crop + flip (paper §4.2); "scale": shorter side in scale_range,
+    # random crop, flip, colour (paper §3.4); "rrc": FFCV's RandomResizedCrop decode.
+    train_aug: Literal["cifar", "scale", "rrc"] = "cifar"
+    # "original": the image as stored (CIFAR test); "center": resize shorter side to val_resize, centre crop.
+    val_aug: Literal["original", "center"] = "original"
+    crop: int = 32
+    pad: int = 4
+    flip: bool = True  # random horizontal flip (off for digits: a mirrored digit is another shape)
+    scale_range: tuple[int, int] = (256, 480)
+    val_resize: int = 256
+    colour: bool = False  # AlexNet-style colour (brightness/contrast/saturation) augmentation
+    loader_workers: int = 2  # FFCV decoding threads per Ray worker
+    os_cache: bool = True  # let the OS page cache hold the .beton (small datasets); False: FFCV's QUASI_RANDOM
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1  # for `ref_batch_size`; scaled linearly with the global batch when `scale_lr`
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    # "step": divide by 10 at each milestone (fractions of the run: the paper's CIFAR steps at
+    # 32k and 48k of 64k iterations are 0.5 and 0.75); "cosine"; "onecycle".
+    schedule: Literal["step", "cosine", "onecycle"] = "step"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    # Warm-up: `warmup_iters` iterations at lr * warmup_factor ("constant", the paper's
+    # 110-layer recipe) or ramping up from it ("linear", Goyal et al. for large batches).
+    warmup_iters: int = 0
+    warmup_factor: float = 0.1
+    warmup: Literal["constant", "linear"] = "constant"
+    scale_lr: bool = False  # the linear scaling rule: lr * batch_size / ref_batch_size
+    ref_batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = ""  # empty: <arch>-<data>-<time>; rerunning with the same name resumes
+    workers: int = 2
+    gpus_per_worker: Optional[int] = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: int = 1
+    max_failures: int = 3  # worker/node failures survived by restarting from the last checkpoint
+    storage: str = "outputs"  # Ray storage_path: checkpoints, results, local MLflow store
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    keep_checkpoints: int = 2
+    eval_every: int = 1  # validate every N epochs (and always on the last)
+    max_steps: Optional[int] = None  # stop each epoch after N steps (smoke tests)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db
+    experiment: str = ""  # empty: raysnet-<data>
+    log_model: bool = True  # mlflow.pytorch.log_model at the end
+
+
+@dataclass(frozen=True)
+class Config:
+    recipe: str = "digits"
+    arch: str = "resnet20"
+    epochs: int = 164
+    batch_size: int = 128  # global, split across workers
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
