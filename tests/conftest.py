@@ -26,7 +26,7 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
              _temp_dir=tmp, logging_level="WARNING")
     try:
         yield ray

@@ -1,0 +1,153 @@
+"""The driver: validate everything cheap first, then run a Ray Train `TorchTrainer`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+# Ray 2.60 swaps 127.0.0.1 for the routable address unless this is set; a local run listens on
+# loopback only. Must precede `import ray`.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from raysnet.cli import UsageError  # noqa: E402
+from raysnet.config import Config, flatten, to_yaml  # noqa: E402
+from raysnet.train import tracking  # noqa: E402
+
+CONFIG_FILE = "raysnet-config.yaml"
+# Keys a resumed run may change: they alter how it runs, not what it computes.
+RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run.cpus_per_worker",
+                  "data.loader_workers", "tracking.log_model", "model.compile"}
+
+
+def finalize(cfg: Config) -> Config:
+    """Fill in what 'empty' means, so the recorded config is the one that ran."""
+    storage = cfg.run.storage if "://" in cfg.run.storage else str(Path(cfg.run.storage).expanduser().resolve())
+    run = dataclasses.replace(cfg.run, storage=storage,
+                              name=cfg.run.name or f"{cfg.arch}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    tr = dataclasses.replace(cfg.tracking, uri=tracking.resolve_uri(dataclasses.replace(cfg, run=run)),
+                             experiment=cfg.tracking.experiment or f"raysnet-{cfg.data.name}")
+    return dataclasses.replace(cfg, run=run, tracking=tr)
+
+
+def check_resume(cfg: Config) -> bool:
+    """A rerun with the same run.name resumes, but only the same computation. -> True when resuming."""
+    path = Path(cfg.run.storage) / cfg.run.name / CONFIG_FILE
+    if "://" in cfg.run.storage:
+        return False  # remote storage: Ray Train itself finds the run's checkpoints there
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(path)
+        return False
+    saved = flatten(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))))
+    changed = sorted(k for k, v in flatten(cfg).items() if k not in RESUMABLE_KEYS and saved.get(k) != v)
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {flatten(cfg)[k]!r}" for k in changed)
+        raise UsageError(f"run.name={cfg.run.name} already exists in {path.parent} with a different config "
+                         f"({diffs}). Rerun with the same settings to resume it, or choose a new run.name.")
+    return True
+
+
+def connect_ray(cfg: Config):
+    """The cluster we were submitted to (`ray job submit` sets RAY_ADDRESS), else a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level="WARNING")
+        else:
+            # Enough logical CPUs for the requested workers even on a small laptop.
+            cpus = max(os.cpu_count() or 1, cfg.run.workers * cfg.run.cpus_per_worker)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    return ray
+
+
+def hardware(ray, gpus: int, cfg: Config) -> str:
+    import platform
+
+    import torch
+
+    if gpus:
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
+        return f"{cfg.run.workers}x{gpus} {name}"
+    return f"{cfg.run.workers} CPU workers ({platform.processor() or platform.machine()}, " \
+           f"{int(ray.cluster_resources().get('CPU', 0))} CPUs in the cluster)"
+
+
+def train(cfg: Config) -> int:
+    from raysnet.data import check_dataset, ensure_dataset
+    from raysnet.models import get_arch
+
+    cfg = finalize(cfg)
+    meta = ensure_dataset(cfg.data)
+    check_dataset(cfg.data)
+    tracking.check_reachable(cfg.tracking.uri)
+    resumed = check_resume(cfg)
+
+    ray = connect_ray(cfg)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpus = cfg.run.gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    run_id, _ = tracking.open_run(cfg, hardware(ray, gpus, cfg))
+    print(f"raysnet: {'resuming' if resumed else 'training'} {cfg.arch} ({get_arch(cfg.arch).depth} layers) on "
+          f"{cfg.data.name} [{len(meta['classes'])} classes], {cfg.epochs} epochs, global batch {cfg.batch_size} "
+          f"over {cfg.run.workers} worker(s){f' with {gpus} GPU(s) each' if gpus else ''}; run {cfg.run.name}",
+          flush=True)
+
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": dataclasses.asdict(cfg), "meta": meta, "run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+    )
+    result = trainer.fit()
+
+    metrics = result.metrics or {}
+    if "nonfinite_step" in metrics:
+        last = f"the last good checkpoint is {result.checkpoint.path}" if result.checkpoint else "no checkpoint yet"
+        print(f"error: the training loss became non-finite at epoch {metrics['epoch']}, step "
+              f"{metrics['nonfinite_step']} (lower optim.lr, or check the data); training stopped and {last}.")
+        return 1
+    model = _final_model(cfg, meta, result.checkpoint)
+    with result.checkpoint.as_directory() as d:
+        tracking.finish_run(cfg, run_id, d, model)
+    print(f"raysnet: done. val_err {metrics.get('val_err', float('nan')):.2f}% (top-5 "
+          f"{metrics.get('val_err_top5', float('nan')):.2f}%), train_err {metrics.get('train_err', float('nan')):.2f}% "
+          f"after {cfg.epochs} epochs.\n"
+          f"  checkpoints: {result.checkpoint.path}\n"
+          f"  MLflow: experiment {cfg.tracking.experiment}, run {run_id} at {cfg.tracking.uri}\n"
+          f"  open the MLflow UI: {tracking.ui_command(cfg.tracking.uri)}")
+    return 0
+
+
+def _train_loop(config: dict) -> None:
+    # Imported inside, so Ray ships a reference to the module rather than pickling the driver's state.
+    from raysnet.train.worker import train_loop
+
+    train_loop(config)
+
+
+def _final_model(cfg: Config, meta: dict, checkpoint):
+    import torch
+
+    from raysnet.models import build_model
+    from raysnet.train.worker import CHECKPOINT_FILE
+
+    model = build_model(cfg.arch, num_classes=len(meta["classes"]), shortcut=cfg.model.shortcut,
+                        variant=cfg.model.variant)
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval()

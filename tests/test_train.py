@@ -1,0 +1,221 @@
+"""The training service end to end on a real local Ray, real MLflow, real FFCV files (digits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysnet.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["arch=resnet20", "batch_size=64", "run.workers=2", "tracking.log_model=false"]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> str:
+    """The embedded dataset, prepared once for every test here."""
+    from raysnet.data import ensure_dataset
+
+    root = str(tmp_path_factory.mktemp("data") / "digits")
+    ensure_dataset(load_config([f"data.root={root}"]).data)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def history(uri: str, run_name: str, experiment: str = "raysnet-digits") -> dict[str, list]:
+    """metric -> [(step, value)] of the one MLflow run named `run_name`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`raysnet.run_name` = '{run_name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, k))
+            for k in ("train_loss", "train_err", "val_err", "val_err_top5", "lr", "images_per_sec",
+                      "epoch_time_s", "val_loss")}
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits_root):
+    from raysnet.train.driver import train
+
+    cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
+                       "tracking.log_model=true"])
+    assert train(cfg) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    h = history(uri, "e2e")
+    assert [s for s, _ in h["train_err"]] == [0, 1, 2]  # MLflow step = epoch index, each once
+    assert all(len(v) == 3 for v in h.values())
+    assert h["train_loss"][-1][1] < h["train_loss"][0][1]  # it learns
+    # The checkpoint holds everything a resume needs and loads into the model.
+    ckpts = sorted((tmp_path / "e2e").glob("checkpoint_*/checkpoint.pt"))
+    state = torch.load(ckpts[-1], weights_only=False)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "config", "mlflow_run_id"} <= set(state)
+    assert state["epoch"] == 2 and state["config"]["run"]["name"] == "e2e"
+    from raysnet.models import build_model
+
+    build_model("resnet20", num_classes=10).load_state_dict(state["model"])
+
+
+def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
+    from raysnet.train.driver import train
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root",
+         str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        import requests
+
+        for _ in range(120):
+            try:
+                if requests.get(uri + "/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=srv",
+                           "epochs=2", f"tracking.uri={uri}"])
+        assert train(cfg) == 0
+        h = history(uri, "srv")
+        assert [s for s, _ in h["val_err"]] == [0, 1]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path, digits_root):
+    start = time.time()
+    out = cli(f"data.root={digits_root}", f"run.storage={tmp_path}", f"tracking.uri=http://127.0.0.1:{free_port()}")
+    assert out.returncode == 2, out.stderr
+    assert "unreachable" in out.stderr and "tracking.uri" in out.stderr and "Traceback" not in out.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started, nothing written
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_local, tmp_path, digits_root):
+    from raysnet.train.driver import train
+
+    steps = json.loads((Path(digits_root) / "meta.json").read_text())["counts"]["train"] // 64
+    # Epoch 0 trains at lr 1e30 * 1e-31 = 0.1 (warm-up); epoch 1 at 1e30 overflows.
+    cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3",
+                       "optim.lr=1e30", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31"])
+    assert train(cfg) == 1
+    ckpts = sorted((tmp_path / "nan").glob("checkpoint_*/checkpoint.pt"))
+    assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["epoch"] == 0
+
+
+def _train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline()) and "train_fn" not in p.name()]
+
+
+def test_survives_a_killed_worker(ray_local, tmp_path, digits_root):
+    """Kill one training worker after the first checkpoint: the run resumes and finishes every epoch,
+    and MLflow holds each epoch exactly once."""
+    from raysnet.train.driver import train
+
+    cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=ft", "epochs=4",
+                       "run.max_failures=2"])
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", train(cfg)))
+    thread.start()
+    deadline = time.time() + 300
+    while not list((tmp_path / "ft").glob("checkpoint_*")) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker process found"
+    workers[-1].kill()
+    thread.join(600)
+    assert result.get("rc") == 0
+    h = history(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft")
+    assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
+
+
+def test_resumes_after_the_driver_is_killed(tmp_path, digits_root):
+    args = [*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=again", "epochs=4"]
+    env = {**os.environ, "RAY_TMPDIR": "/tmp"}
+    driver = subprocess.Popen([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt")) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # let Ray register the checkpoint it just wrote
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, by process group
+        driver.wait(30)
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" in out.stdout
+    h = history(f"sqlite:///{tmp_path / 'mlflow.db'}", "again")
+    assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
+
+
+def test_a_changed_config_does_not_resume_silently(tmp_path, digits_root):
+    (tmp_path / "x").mkdir()
+    from raysnet.config import to_yaml
+
+    (tmp_path / "x" / "raysnet-config.yaml").write_text(
+        to_yaml(load_config([f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=x", "epochs=9"])))
+    out = cli(f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=x", "epochs=3")
+    assert out.returncode == 2 and "epochs" in out.stderr and "different config" in out.stderr
+
+
+def test_ray_job_submit(tmp_path, digits_root):
+    """`ray job submit --working-dir . -- python -m raysnet.train` against `ray start --head` on 127.0.0.1."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    temp = Path("/tmp") / f"rj{port}"  # short: Ray's socket paths have a 107-byte limit
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        import requests
+
+        for _ in range(240):
+            try:
+                if requests.get(address + "/api/version", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        out = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "-m", "raysnet.train", *FAST, "epochs=1", f"data.root={digits_root}",
+             f"run.storage={tmp_path}", "run.name=job"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout and "raysnet: done" in out.stdout
+        assert len(history(f"sqlite:///{tmp_path / 'mlflow.db'}", "job")["val_err"]) == 1
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
