@@ -1,0 +1,92 @@
+"""The pieces of the worker on their own: schedules, the train step, the on-device statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raysnet.config import load_config
+from raysnet.models import build_model
+from raysnet.train.schedule import base_lr, lr_factor
+from raysnet.train.worker import EpochStats, autocast_dtype, make_optimizer, train_step
+
+
+def test_paper_cifar_steps_fall_at_32k_and_48k_of_64k():
+    optim = load_config(["recipe=cifar-paper"]).optim
+    f = [lr_factor(s, 64_000, optim) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_110_layer_warmup_is_lr_001_for_400_iterations():
+    cfg = load_config(["recipe=cifar-paper-110"])
+    assert cfg.arch == "resnet110"
+    lrs = [base_lr(cfg) * lr_factor(s, 64_000, cfg.optim) for s in (0, 399, 400)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.1])
+
+
+def test_cosine_onecycle_and_linear_scaling():
+    cosine = load_config(["optim.schedule=cosine"]).optim
+    assert lr_factor(0, 100, cosine) == pytest.approx(1) and lr_factor(100, 100, cosine) == pytest.approx(0)
+    onecycle = load_config(["optim.schedule=onecycle"]).optim
+    assert lr_factor(25, 100, onecycle) == pytest.approx(1) and lr_factor(100, 100, onecycle) == pytest.approx(0)
+    cfg = load_config(["recipe=imagenet-paper", "batch_size=1024", "optim.scale_lr=true"])
+    assert base_lr(cfg) == pytest.approx(0.4)  # 0.1 x 1024 / 256
+    assert base_lr(load_config(["recipe=imagenet-paper", "batch_size=1024"])) == pytest.approx(0.1)
+
+
+def test_autocast_is_bf16_on_gpu_and_off_on_cpu():
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+
+
+def _step_setup(channels_last: bool = False):
+    cfg = load_config([])
+    model = build_model("resnet20")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    return model, opt, sched, images, labels
+
+
+def test_train_step_never_waits_for_the_host(monkeypatch):
+    model, opt, sched, images, labels = _step_setup()
+    stats = EpochStats(torch.device("cpu"))
+    calls = []
+    for name in ("item", "cpu", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **k):
+            calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for step in range(3):
+        train_step(model, images, labels, opt, sched, stats, step, None)
+    monkeypatch.undo()
+    assert calls == []
+    out = stats.reduce()
+    assert out["n"] == 24 and out["bad_step"] == -1 and 0 <= out["err"] <= 100
+
+
+def test_stats_find_the_first_nonfinite_step_and_count_errors():
+    stats = EpochStats(torch.device("cpu"))
+    logits = torch.tensor([[5.0, 0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0, 0]])
+    stats.add(torch.tensor(1.0), logits, torch.tensor([0, 2]), 0)  # one right, one wrong (but in top 5)
+    stats.add(torch.tensor(float("nan")), logits, torch.tensor([0, 1]), 1)
+    stats.add(torch.tensor(float("inf")), logits, torch.tensor([0, 1]), 2)
+    out = stats.reduce()
+    assert out["bad_step"] == 1
+    assert out["err"] == pytest.approx(100 / 6) and out["err_top5"] == pytest.approx(0.0)  # 1 of 6 wrong
+
+
+def test_channels_last_batches_reach_the_model():
+    model, opt, sched, images, labels = _step_setup(channels_last=True)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    train_step(model, images.contiguous(memory_format=torch.channels_last), labels, opt, sched,
+               EpochStats(torch.device("cpu")), 0, None)
+    assert seen == [True]
