@@ -74,7 +74,7 @@ def test_train_step_never_waits_for_the_host(monkeypatch):
 
 def test_stats_find_the_first_nonfinite_step_and_count_errors():
     stats = EpochStats(torch.device("cpu"))
-    logits = torch.tensor([[5.0, 0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0, 0]])
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0], [5.0, 6, 4, 3, 2, 1, 0]])  # ranks 0,1,2,... / 1,0,2,...
     stats.add(torch.tensor(1.0), logits, torch.tensor([0, 2]), 0)  # one right, one wrong (but in top 5)
     stats.add(torch.tensor(float("nan")), logits, torch.tensor([0, 1]), 1)
     stats.add(torch.tensor(float("inf")), logits, torch.tensor([0, 1]), 2)
