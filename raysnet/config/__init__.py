@@ -124,7 +124,11 @@ def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
         raise _unknown_key(e.full_key) from None
     except ValidationError as e:
         choices = f" Valid architectures: {', '.join(list_models())}." if e.full_key == "arch" else ""
-        raise ConfigError(f"bad value for '{e.full_key}' ({where}): {e.msg.splitlines()[0]}.{choices}") from None
+        # A value given for a whole section (model=3) fails in OmegaConf with neither msg nor full_key.
+        key = e.full_key or next((k for k, v in update.items() if isinstance(base.get(k), DictConfig)
+                                  and not isinstance(v, (dict, DictConfig))), "?")
+        msg = (e.msg or str(e)).splitlines()[0]
+        raise ConfigError(f"bad value for '{key}' ({where}): {msg}.{choices}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad configuration ({where}): {e.msg}") from None
 
