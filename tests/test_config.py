@@ -1,0 +1,214 @@
+"""The typed config: recipes, key=value overrides, the errors a user sees, and the CLI around them."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from raysnet.config import Config, ConfigError, flatten, from_dict, load_config, to_dict
+from raysnet.models import list_models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- recipes and groups -----------------------------------------------------------------------
+
+def test_defaults():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.recipe == "digits" and cfg.arch == "resnet20"
+    assert cfg.data.name == "digits" and cfg.data.root.endswith("digits")
+    # The digits recipe shortens the run; the schema's 164 epochs are the paper's CIFAR run.
+    assert cfg.epochs == 15 and cfg.batch_size == 64
+
+
+def test_imagenet_arch_selects_the_imagenet_recipe():
+    cfg = load_config(["arch=resnet101"])
+    assert cfg.recipe == "imagenet-paper" and cfg.arch == "resnet101"
+    assert cfg.data.name == "imagenet" and cfg.data.crop == 224
+    assert cfg.batch_size == 256 and list(cfg.optim.milestones) == [0.25, 0.5, 0.75]
+    # A CIFAR depth stays on the quickstart, and a named recipe wins over the guess.
+    assert load_config(["arch=resnet56"]).recipe == "digits"
+    assert load_config(["arch=resnet101", "recipe=cifar-paper"]).recipe == "cifar-paper"
+
+
+def test_cifar_110_recipe_inherits_and_warms_up():
+    base, cfg = load_config(["recipe=cifar-paper"]), load_config(["recipe=cifar-paper-110"])
+    assert cfg.recipe == "cifar-paper-110" and cfg.arch == "resnet110"
+    # Inherited from cifar-paper.
+    assert cfg.data == base.data and cfg.data.name == "cifar10"
+    assert (cfg.epochs, cfg.batch_size, cfg.optim.lr, cfg.optim.milestones) == \
+        (base.epochs, base.batch_size, base.optim.lr, base.optim.milestones) == (164, 128, 0.1, (0.5, 0.75))
+    # Paper §4.2: 0.01 (= 0.1 x 0.1) for about 400 iterations.
+    assert cfg.optim.warmup == "constant" and cfg.optim.warmup_iters == 400
+    assert cfg.optim.lr * cfg.optim.warmup_factor == pytest.approx(0.01)
+    assert base.optim.warmup_iters == 0
+
+
+@pytest.mark.parametrize("args", [["data=cifar10", "data.root=/x"], ["data.root=/x", "data=cifar10"]])
+def test_data_root_sets_the_selected_dataset(args):
+    cfg = load_config(args)
+    assert cfg.data.name == "cifar10" and cfg.data.root == "/x"
+    assert cfg.data.flip is True  # from cifar10.yaml, not digits.yaml (flip: false)
+    assert cfg.recipe == "digits"
+
+
+def test_own_dataset_yaml(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train_aug: scale\nval_aug: center\ncrop: 96\nscale_range: [100, 140]\n")
+    cfg = load_config([f"data={path}", "data.crop=112"])
+    assert cfg.data.name == "mine"  # the file's stem when it names none
+    assert cfg.data.train_aug == "scale" and cfg.data.scale_range == (100, 140) and cfg.data.crop == 112
+    named = tmp_path / "other.yaml"
+    named.write_text("name: flowers\n")
+    assert load_config([f"data={named}"]).data.name == "flowers"
+
+
+def test_own_dataset_yaml_with_unknown_key_is_an_error(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("crop: 96\nresolution: 96\n")
+    with pytest.raises(ConfigError, match=r"data\.resolution"):
+        load_config([f"data={path}"])
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("arch", "plain110", "plain110"),
+    ("data", "imagenet", "imagenet"),  # read back as data.name
+    ("data.root", "/datasets/cifar", "/datasets/cifar"),
+    ("epochs", "7", 7),
+    ("batch_size", "256", 256),
+    ("optim.lr", "0.05", 0.05),
+    ("run.workers", "4", 4),
+    ("run.gpus_per_worker", "1", 1),
+    ("run.gpus_per_worker", "null", None),
+    ("run.name", "my-run", "my-run"),
+    ("tracking.uri", "http://mlflow.example:5000", "http://mlflow.example:5000"),
+    ("tracking.uri", "sqlite:///outputs/mlflow.db", "sqlite:///outputs/mlflow.db"),
+    ("model.shortcut", "C", "C"),
+    ("model.variant", "v1.5", "v1.5"),
+    ("optim.milestones", "[0.3,0.6,0.9]", (0.3, 0.6, 0.9)),
+])
+def test_user_facing_keys_override(key, value, expected):
+    cfg = load_config([f"{key}={value}"])
+    got = flatten(cfg)["data.name" if key == "data" else key]
+    assert got == expected and type(got) is type(expected)
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    assert dataclasses.is_dataclass(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.arch = "resnet56"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.root = "/elsewhere"
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arg, wanted", [
+    ("optim.lrr=0.1", ["'optim.lrr'", "Did you mean 'optim.lr'?"]),
+    ("run.workrs=4", ["'run.workrs'", "Did you mean 'run.workers'?"]),
+    ("epoch=5", ["'epoch'", "Did you mean 'epochs'?"]),
+    ("epochs=abc", ["'epochs'", "Integer"]),
+    ("optim.lr=fast", ["'optim.lr'", "Float"]),
+    ("model.shortcut=D", ["'model.shortcut'", "'A'", "'B'", "'C'"]),
+    ("arch=resnet19", ["'arch'", "Did you mean 'resnet18'?", *list_models()]),
+    ("recipe=imagenet-papr", ["'imagenet-papr'", "cifar-paper", "cifar-paper-110", "digits", "imagenet-paper"]),
+    ("data=cifar100", ["'cifar100'", "'data'", "cifar10", "digits", "imagefolder", "imagenet"]),
+    ("model=3", ["'model'"]),  # a value for a whole section
+    ("run.workers=0", ["'run.workers'"]),
+    ("optim.lr=-1", ["'optim.lr'"]),
+    ("optim.milestones=[0.75,0.5]", ["'optim.milestones'"]),
+    ("batch_size=101", ["'batch_size'", "run.workers"]),  # 101 does not split across the 2 workers...
+    ("run.workers=3", ["'batch_size'", "run.workers"]),  # ...nor 64 across 3
+    ("optim.lr", ["'optim.lr'", "key=value"]),
+    ("=3", ["'=3'", "key=value"]),
+])
+def test_errors_name_the_key(arg, wanted):
+    with pytest.raises(ConfigError) as err:
+        load_config([arg])
+    for text in wanted:
+        assert text in str(err.value)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_missing_own_dataset_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([f"data={tmp_path / 'absent.yaml'}"])
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def train_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raysnet.train", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("arg, key", [
+    ("optim.lrr=0.1", "optim.lrr"),
+    ("run.workrs=4", "run.workrs"),
+    ("epochs=abc", "epochs"),
+    ("model.shortcut=D", "model.shortcut"),
+    ("model=3", "model"),
+    ("arch=resnet19", "resnet19"),
+    ("recipe=nope", "nope"),
+    ("data=nope", "nope"),
+    ("optim.lr", "optim.lr"),
+])
+def test_cli_bad_input_is_one_paragraph_and_exit_2(arg, key):
+    proc = train_cli(arg)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and err.startswith("error:")
+    assert "\n\n" not in err  # one paragraph
+    assert f"'{key}'" in " ".join(err.split())
+    assert proc.stdout == ""
+
+
+def test_cli_print_config():
+    proc = train_cli("--print-config", "arch=plain56", "optim.lr=0.05")
+    assert proc.returncode == 0, proc.stderr
+    assert "arch: plain56" in proc.stdout.splitlines()
+    printed = OmegaConf.to_container(OmegaConf.create(proc.stdout))
+    assert printed["arch"] == "plain56" and printed["recipe"] == "digits"
+    assert printed["optim"]["lr"] == 0.05 and printed["run"]["workers"] == 2
+    assert printed["data"]["name"] == "digits"
+    # What was printed is the whole config: it loads back into the same Config.
+    assert from_dict(printed) == load_config(["arch=plain56", "optim.lr=0.05"])
+
+
+# --- serialisation ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [[], ["recipe=cifar-paper-110", "run.gpus_per_worker=1", "model.variant=v1.5"],
+                                  ["arch=resnet152", "data.root=/data/imagenet", "tracking.uri=http://h:5000"]])
+def test_dict_round_trip(args):
+    cfg = load_config(args)
+    d = to_dict(cfg)
+    assert isinstance(d, dict) and isinstance(d["optim"], dict)
+    back = from_dict(d)
+    assert back == cfg and isinstance(back, Config)
+    assert isinstance(back.optim.milestones, tuple) and isinstance(back.data.scale_range, tuple)
+
+
+def test_flatten_gives_dotted_keys():
+    cfg = load_config(["optim.lr=0.2", "run.workers=4"])
+    flat = flatten(cfg)
+    assert flat["optim.lr"] == 0.2 and flat["run.workers"] == 4 and flat["arch"] == "resnet20"
+    assert flat["data.root"] == cfg.data.root and flat["tracking.uri"] == ""
+    assert not any(isinstance(v, dict) for v in flat.values())
+    sections = ("model", "data", "optim", "run", "tracking")
+    assert not any(k in sections for k in flat)
+    # Every leaf of every section, and nothing else.
+    expected = {f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s))}
+    expected |= {f.name for f in dataclasses.fields(cfg) if f.name not in sections}
+    assert set(flat) == expected
