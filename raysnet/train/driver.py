@@ -62,10 +62,25 @@ def connect_ray(cfg: Config):
         if os.environ.get("RAY_ADDRESS"):
             ray.init(logging_level="WARNING")
         else:
-            # Enough logical CPUs for the requested workers even on a small laptop.
+            # Enough logical CPUs for the requested workers even on a small laptop. The dashboard
+            # (on loopback) also serves the state API that Ray Train's clean-up relies on.
             cpus = max(os.cpu_count() or 1, cfg.run.workers * cfg.run.cpus_per_worker)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+            ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=_free_port(8265), logging_level="WARNING")
     return ray
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError("no free port on 127.0.0.1")
 
 
 def hardware(ray, gpus: int, cfg: Config) -> str:
@@ -80,39 +95,44 @@ def hardware(ray, gpus: int, cfg: Config) -> str:
            f"{int(ray.cluster_resources().get('CPU', 0))} CPUs in the cluster)"
 
 
-def train(cfg: Config) -> int:
+def prepare(cfg: Config) -> tuple[Config, dict, bool]:
+    """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed)"""
     from raysnet.data import check_dataset, ensure_dataset
-    from raysnet.models import get_arch
 
     cfg = finalize(cfg)
     meta = ensure_dataset(cfg.data)
     check_dataset(cfg.data)
     tracking.check_reachable(cfg.tracking.uri)
-    resumed = check_resume(cfg)
+    return cfg, meta, check_resume(cfg)
 
-    ray = connect_ray(cfg)
+
+def gpus_per_worker(cfg: Config) -> int:
+    import ray
+
+    if cfg.run.gpus_per_worker is not None:
+        return cfg.run.gpus_per_worker
+    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+
+def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: int, callbacks: list | None = None):
+    """The `TorchTrainer` of one run: also what each Tune trial launches."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    gpus = cfg.run.gpus_per_worker
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    run_id, _ = tracking.open_run(cfg, hardware(ray, gpus, cfg))
-    print(f"raysnet: {'resuming' if resumed else 'training'} {cfg.arch} ({get_arch(cfg.arch).depth} layers) on "
-          f"{cfg.data.name} [{len(meta['classes'])} classes], {cfg.epochs} epochs, global batch {cfg.batch_size} "
-          f"over {cfg.run.workers} worker(s){f' with {gpus} GPU(s) each' if gpus else ''}; run {cfg.run.name}",
-          flush=True)
-
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_loop,
         train_loop_config={"config": dataclasses.asdict(cfg), "meta": meta, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
+        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
-    result = trainer.fit()
+
+
+def finish(cfg: Config, meta: dict, run_id: str, result) -> int:
+    """Close the MLflow run with the model, or explain why the run stopped. -> exit status"""
+    import torch
 
     metrics = result.metrics or {}
     if "nonfinite_step" in metrics:
@@ -122,7 +142,7 @@ def train(cfg: Config) -> int:
         return 1
     model = _final_model(cfg, meta, result.checkpoint)
     with result.checkpoint.as_directory() as d:
-        tracking.finish_run(cfg, run_id, d, model)
+        tracking.finish_run(cfg, run_id, d, model, example=torch.zeros(1, 3, cfg.data.crop, cfg.data.crop))
     print(f"raysnet: done. val_err {metrics.get('val_err', float('nan')):.2f}% (top-5 "
           f"{metrics.get('val_err_top5', float('nan')):.2f}%), train_err {metrics.get('train_err', float('nan')):.2f}% "
           f"after {cfg.epochs} epochs.\n"
@@ -130,6 +150,20 @@ def train(cfg: Config) -> int:
           f"  MLflow: experiment {cfg.tracking.experiment}, run {run_id} at {cfg.tracking.uri}\n"
           f"  open the MLflow UI: {tracking.ui_command(cfg.tracking.uri)}")
     return 0
+
+
+def train(cfg: Config) -> int:
+    from raysnet.models import get_arch
+
+    cfg, meta, resumed = prepare(cfg)
+    ray = connect_ray(cfg)
+    gpus = gpus_per_worker(cfg)
+    run_id, _ = tracking.open_run(cfg, hardware(ray, gpus, cfg))
+    print(f"raysnet: {'resuming' if resumed else 'training'} {cfg.arch} ({get_arch(cfg.arch).depth} layers) on "
+          f"{cfg.data.name} [{len(meta['classes'])} classes], {cfg.epochs} epochs, global batch {cfg.batch_size} "
+          f"over {cfg.run.workers} worker(s){f' with {gpus} GPU(s) each' if gpus else ''}; run {cfg.run.name}",
+          flush=True)
+    return finish(cfg, meta, run_id, make_trainer(cfg, meta, run_id, gpus).fit())
 
 
 def _train_loop(config: dict) -> None:

@@ -137,7 +137,7 @@ class Tracker:
             warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); will retry next epoch.", stacklevel=2)
 
 
-def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model) -> None:
+def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, example=None) -> None:
     """Artifacts at the end: the last checkpoint and the model in MLflow's format."""
     import mlflow
     from mlflow import MlflowClient
@@ -151,5 +151,6 @@ def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model) -> N
         mlflow.set_tracking_uri(cfg.tracking.uri)
         with mlflow.start_run(run_id=run_id):
             # Explicit requirements: MLflow's inference imports the world and takes minutes.
-            mlflow.pytorch.log_model(model, name="model", pip_requirements=[f"torch=={torch.__version__}"])
+            mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     client.set_terminated(run_id, status="FINISHED")
