@@ -80,8 +80,11 @@ def run_tags(cfg: Config, hardware: str) -> dict[str, str]:
     }
 
 
-def open_run(cfg: Config, hardware: str) -> tuple[str, bool]:
-    """The MLflow run of `cfg.run.name`, created with params and tags unless it exists. -> (id, resumed)"""
+def open_run(cfg: Config, hardware: str, parent_run_id: str | None = None,
+             extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The MLflow run of `cfg.run.name`, created with params and tags unless it exists. -> (id, resumed)
+
+    `parent_run_id` nests it under a sweep's parent run (MLflow's `mlflow.parentRunId` tag)."""
     from mlflow import MlflowClient
 
     uri = cfg.tracking.uri
@@ -97,7 +100,10 @@ def open_run(cfg: Config, hardware: str) -> tuple[str, bool]:
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id, True
-    run = client.create_run(exp_id, run_name=cfg.run.name, tags=run_tags(cfg, hardware))
+    tags = {**run_tags(cfg, hardware), **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
     from mlflow.entities import Param
 
     params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
