@@ -1,0 +1,15 @@
+"""The data layer: prepare FFCV datasets, check them, and load them in Ray Train workers.
+
+    prepare(PrepareConfig(source="digits", out=DIR))  # write DIR/train.beton, val.beton, meta.json
+    meta = ensure_dataset(cfg.data, num_classes)      # the driver, before anything heavy starts
+    train, val = make_loaders(cfg.data, meta, batch_size, device=..., seed=..., distributed=True,
+                              channels_last=True)      # in each worker
+    set_epoch(train, start_epoch)                     # when resuming
+"""
+
+from raysnet.data.dataset import check_dataset, dataset_dir, ensure_dataset, prepare_command
+from raysnet.data.loaders import make_loaders, set_epoch
+from raysnet.data.prepare import PrepareConfig, parse_args, prepare
+
+__all__ = ["PrepareConfig", "check_dataset", "dataset_dir", "ensure_dataset", "make_loaders", "parse_args",
+           "prepare", "prepare_command", "set_epoch"]

@@ -1,0 +1,133 @@
+"""FFCV loaders for one Ray Train worker, built from explicit `image_pipeline` / `label_pipeline` lists.
+
+Batches arrive on `device` as float32 B x 3 x H x W images, normalised with the train split's
+per-channel mean and std, and int64 labels of shape (B,). They are views of FFCV's reused
+buffers: clone anything kept past the next few batches.
+
+Resuming: each loader draws its order from (seed, epoch), and counts epochs itself from 0.
+A run that resumes at epoch E calls `set_epoch(train_loader, E)` before iterating, so it sees
+the order an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.operation import Operation
+from ffcv.transforms import (NormalizeImage, RandomBrightness, RandomContrast, RandomSaturation, Squeeze, ToDevice, ToTensor, ToTorchImage)
+
+from raysnet.cli import UsageError
+from raysnet.config import DataConfig
+from raysnet.data.dataset import dataset_dir
+from raysnet.data.transforms import PadRandomCrop, RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize
+from raysnet.data.writer import BETON
+
+COLOUR_JITTER = 0.4  # brightness, contrast, saturation factors in [0.6, 1.4], as torchvision's ColorJitter(0.4, 0.4, 0.4)
+
+
+def _constant_size(meta: dict[str, Any], split: str) -> bool:
+    size = meta["splits"][split]["image_size"]
+    return size["height"]["min"] == size["height"]["max"] and size["width"]["min"] == size["width"]["max"]
+
+
+def train_decoder_and_augment(data: DataConfig, meta: dict[str, Any]) -> list[Operation]:
+    """The training image pipeline up to normalisation: uint8 crop x crop x 3 images."""
+    if data.train_aug == "cifar":
+        if not _constant_size(meta, "train"):
+            raise UsageError(f"data.train_aug=cifar needs training images of one size, but '{dataset_dir(data)}' "
+                             "holds several; use data.train_aug=scale or rrc.")
+        # Paper §4.2: pad 4, random 32x32 crop, horizontal flip.
+        ops: list[Operation] = [SimpleRGBImageDecoder(), PadRandomCrop(data.pad, data.crop)]
+    elif data.train_aug == "scale":
+        # Paper §3.4: shorter side in [256, 480], random 224x224 crop, flip, colour.
+        ops = [ScaleCropRGBImageDecoder(data.crop, tuple(data.scale_range))]
+    else:  # "rrc": FFCV's ImageNet decode (Inception-style random-resized crop)
+        ops = [RandomResizedCropRGBImageDecoder((data.crop, data.crop))]
+    if data.flip:
+        ops.append(RandomFlip())
+    if data.colour:
+        ops += [RandomBrightness(COLOUR_JITTER, p=1.0), RandomContrast(COLOUR_JITTER, p=1.0),
+                RandomSaturation(COLOUR_JITTER, p=1.0)]
+    return ops
+
+
+def val_decoder(data: DataConfig, meta: dict[str, Any]) -> list[Operation]:
+    if data.val_aug == "original":
+        if not _constant_size(meta, "val"):
+            raise UsageError(f"data.val_aug=original needs validation images of one size, but "
+                             f"'{dataset_dir(data)}' holds several; use data.val_aug=center.")
+        return [SimpleRGBImageDecoder()]  # paper §4.2: "the single view of the original 32x32 image"
+    # Shorter side to val_resize, centre crop x crop (the standard single-crop ImageNet evaluation).
+    return [CenterCropRGBImageDecoder((data.crop, data.crop), ratio=data.crop / data.val_resize)]
+
+
+def to_batch(meta: dict[str, Any], device: torch.device, channels_last: bool) -> list[Operation]:
+    """uint8 B x H x W x 3 -> normalised float32 B x 3 x H x W on `device`."""
+    mean, std = np.asarray(meta["mean"], dtype=np.float64), np.asarray(meta["std"], dtype=np.float64)
+    std = np.maximum(std, 1e-3)  # a constant channel (grey digits have three equal ones) must not divide by 0
+    if device.type == "cuda":
+        # Copy uint8 (4x fewer bytes than float32), then normalise on the GPU. FFCV's
+        # NormalizeImage kernel is channels-last and needs cupy; otherwise plain torch.
+        ops: list[Operation] = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+        if channels_last and importlib.util.find_spec("cupy") is not None:
+            return ops + [NormalizeImage(mean, std, np.float32)]
+        return ops + [TorchNormalize(mean, std, channels_last)]
+    # CPU: normalise in the numba stage (a lookup table per channel), then view as NCHW.
+    return [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=channels_last)]
+
+
+def label_pipeline(device: torch.device) -> list[Operation]:
+    ops: list[Operation] = [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) int64 -> (B,)
+    return (ops + [ToDevice(device, non_blocking=True)]) if device.type == "cuda" else ops
+
+
+def _rank_world(distributed: bool) -> tuple[int, int]:
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if distributed:
+        raise RuntimeError("make_loaders(distributed=True) needs torch.distributed initialised "
+                           "(Ray Train's TorchTrainer does this in each worker)")
+    return 0, 1
+
+
+def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, device: torch.device, seed: int,
+                 distributed: bool, channels_last: bool, drop_last_train: bool = True) -> tuple[Loader, Loader]:
+    """(train_loader, val_loader) for this worker; `batch_size` is per worker.
+
+    Train: a new random order every epoch from (seed, epoch); with `distributed`, each of
+    the world's ranks reads a disjoint 1/world share (FFCV's DistributedSampler emulation,
+    the same permutation on every rank). Val: sequential, every sample exactly once across
+    the ranks (each rank takes every world-th sample; FFCV's sampler would pad with repeats).
+    """
+    root = dataset_dir(data)
+    rank, world = _rank_world(distributed)
+    tail = to_batch(meta, device, channels_last)
+    labels = label_pipeline(device)
+    # QUASI_RANDOM reads pages in a shuffled-but-local order when the .beton does not fit the
+    # page cache (data.os_cache=False); FFCV has no distributed version of it.
+    order = OrderOption.QUASI_RANDOM if not data.os_cache and not distributed else OrderOption.RANDOM
+    workers = max(1, data.loader_workers)
+    train = Loader(str(root / BETON["train"]), batch_size=batch_size, num_workers=workers, os_cache=data.os_cache,
+                   order=order, distributed=distributed, seed=seed, drop_last=drop_last_train,
+                   pipelines={"image": train_decoder_and_augment(data, meta) + tail, "label": labels})
+    n_val = int(meta["splits"]["val"]["samples"])
+    val = Loader(str(root / BETON["val"]), batch_size=batch_size, num_workers=workers, os_cache=data.os_cache,
+                 order=OrderOption.SEQUENTIAL, indices=np.arange(rank, n_val, world), drop_last=False,
+                 pipelines={"image": val_decoder(data, meta) + to_batch(meta, device, channels_last),
+                            "label": label_pipeline(device)})
+    if len(train) == 0:
+        raise UsageError(f"batch_size {batch_size} per worker is larger than this worker's share of the "
+                         f"{meta['splits']['train']['samples']} training samples in '{root}'; lower batch_size.")
+    return train, val
+
+
+def set_epoch(loader: Loader, epoch: int) -> None:
+    """Make the next `iter(loader)` produce epoch `epoch`'s order (0-based), e.g. after resuming."""
+    loader.next_epoch = epoch

@@ -1,0 +1,148 @@
+"""The paper's augmentations as FFCV pipeline stages (numba-compiled, run on the loader's threads).
+
+- `PadRandomCrop`: CIFAR, §4.2: "4 pixels are padded on each side, and a 32x32 crop is randomly
+  sampled from the padded image or its horizontal flip".
+- `ScaleCropRGBImageDecoder`: ImageNet, §3.4: "the image is resized with its shorter side randomly
+  sampled in [256, 480] for scale augmentation. A 224x224 crop is randomly sampled".
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch
+from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+
+
+class PadRandomCrop(Operation):
+    """Zero-pad `pad` pixels on every side, then take a random `crop` x `crop` window.
+
+    Works on a batch of equal-size HxWx3 uint8 images. The padding is black (0) in pixel
+    space, before normalisation, as in the common CIFAR implementations.
+    """
+
+    def __init__(self, pad: int, crop: int):
+        super().__init__()
+        self.pad, self.crop = pad, crop
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        pad, crop = self.pad, self.crop
+
+        def pad_crop(images, dst):
+            n, h, w, c = images.shape
+            for i in my_range(n):
+                # Offset of the window's top-left corner from the image's, in [-pad, pad].
+                dy = np.random.randint(0, h + 2 * pad - crop + 1) - pad
+                dx = np.random.randint(0, w + 2 * pad - crop + 1) - pad
+                # Plain loops: numba compiles them in a second, sliced copies in ~8 s (parallel).
+                for r in range(crop):
+                    sr = r + dy
+                    for q in range(crop):
+                        sq = q + dx
+                        inside = 0 <= sr < h and 0 <= sq < w
+                        for k in range(c):
+                            dst[i, r, q, k] = images[i, sr, sq, k] if inside else 0
+            return dst
+
+        pad_crop.is_parallel = True
+        return pad_crop
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        h, w, c = previous_state.shape
+        if min(h, w) + 2 * self.pad < self.crop:
+            raise ValueError(f"a {self.crop}x{self.crop} crop does not fit {h}x{w} images padded by {self.pad}")
+        shape = (self.crop, self.crop, c)
+        return replace(previous_state, jit_mode=True, shape=shape), AllocationQuery(shape, previous_state.dtype)
+
+
+class RandomFlip(Operation):
+    """Mirror each image left-right with probability 1/2 (paper §3.4 and §4.2).
+
+    FFCV's RandomHorizontalFlip does the same with sliced copies, which numba takes
+    ~5 s to compile in parallel mode; these loops take under one.
+    """
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+
+        def flip(images, dst):
+            n, h, w, c = images.shape
+            for i in my_range(n):
+                mirror = np.random.random() < 0.5
+                for r in range(h):
+                    for q in range(w):
+                        sq = w - 1 - q if mirror else q
+                        for k in range(c):
+                            dst[i, r, q, k] = images[i, r, sq, k]
+            return dst
+
+        flip.is_parallel = True
+        return flip
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+
+def scale_crop(height: int, width: int, scale_range: np.ndarray, crop: float) -> tuple[int, int, int, int]:
+    """Paper §3.4 scale augmentation as one crop window of the stored image: (top, left, h, w).
+
+    Resizing so the shorter side is s ~ U[scale_range], then cutting a random crop x crop
+    window, equals cutting a (crop * short / s)-pixel square from the stored image and
+    resizing that square to crop x crop. Only the window is ever resized: no full-size
+    intermediate image.
+    """
+    short = min(height, width)
+    s = np.random.uniform(scale_range[0], scale_range[1])
+    side = min(short, max(1, int(round(crop * short / s))))  # s < crop (a config below the paper's) clips
+    i = np.random.randint(0, height - side + 1)
+    j = np.random.randint(0, width - side + 1)
+    return i, j, side, side
+
+
+class ScaleCropRGBImageDecoder(ResizedCropRGBImageDecoder):
+    """Decode with paper §3.4 scale augmentation: shorter side in `scale_range`, random `crop` square.
+
+    FFCV's ResizedCropRGBImageDecoder decodes, asks `get_crop_generator(height, width,
+    self.scale, self.ratio)` for a window and resizes it to the output size; the window here
+    comes from `scale_crop`, with `scale` = the shorter-side range and `ratio` = the crop.
+    """
+
+    def __init__(self, crop: int, scale_range: tuple[int, int]):
+        super().__init__((crop, crop))
+        self.scale = np.asarray(scale_range, dtype=np.float64)
+        self.ratio = float(crop)
+
+    @property
+    def get_crop_generator(self) -> Callable:
+        return scale_crop
+
+
+class TorchNormalize(Operation):
+    """(x - mean) / std on a B x C x H x W uint8 tensor, on its device, as float32.
+
+    The GPU fallback for FFCV's NormalizeImage, whose GPU kernel needs cupy.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, channels_last: bool):
+        super().__init__()
+        self.mean, self.std, self.channels_last = mean, std, channels_last
+
+    def generate_code(self) -> Callable:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        def normalize(images, _):
+            mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+            std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+            return ((images.float() - mean) / std).contiguous(memory_format=fmt)
+
+        return normalize
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, dtype=torch.float32), None
