@@ -155,8 +155,9 @@ def load_config(args: list[str] | tuple[str, ...] = ()) -> Config:
     cfg = _merge(cfg, recipe, f"recipe {name}")
     cfg = _merge(cfg, {"recipe": name, "data": _data_recipe(data)}, f"dataset recipe {data}")
     cfg = _merge(cfg, cli, "command line")
-    if not cfg.data.root:
-        cfg = _merge(cfg, {"data": {"root": data_root(cfg.data)}}, "default data.root")
+    # The default location, or the user's path with ~ expanded, so workers read the same place.
+    root = str(Path(cfg.data.root).expanduser()) if cfg.data.root else data_root(cfg.data)
+    cfg = _merge(cfg, {"data": {"root": root}}, "data.root")
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # a required value left missing

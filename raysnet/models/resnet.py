@@ -215,7 +215,9 @@ def build_model(name: str, num_classes: int | None = None, shortcut: str | None 
     variant = "v1" if variant is None else variant
     _check("shortcut", shortcut, SHORTCUTS)
     _check("variant", variant, VARIANTS)
-    return ResNet(arch, num_classes or arch.default_classes, shortcut, variant)
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    return ResNet(arch, arch.default_classes if num_classes is None else num_classes, shortcut, variant)
 
 
 def list_models() -> list[str]:
