@@ -104,10 +104,14 @@ def check_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str,
         if not path.is_file():
             raise UsageError(f"dataset file '{path}' is missing. {_redo(data)}")
         expected = meta["splits"][split]
-        found = read_beton_header(path)
-        if "bytes" in expected and found["bytes"] != expected["bytes"]:
-            raise UsageError(f"dataset file '{path}' is truncated or corrupt: it holds {found['bytes']} bytes, "
+        size = path.stat().st_size
+        if "bytes" in expected and size != expected["bytes"]:
+            raise UsageError(f"dataset file '{path}' is truncated or corrupt: it holds {size} bytes, "
                              f"{META} says {expected['bytes']}. {_redo(data)}")
+        try:
+            found = read_beton_header(path)
+        except UsageError as e:
+            raise UsageError(f"{e} {_redo(data)}") from None
         if found["samples"] != expected["samples"]:
             raise UsageError(f"dataset file '{path}' holds {found['samples']} samples, {META} says "
                              f"{expected['samples']}. {_redo(data)}")

@@ -1,0 +1,488 @@
+"""The data layer: prepare -> check -> load round trips, failure handling, sharding, augmentation."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raysnet import cli
+from raysnet.cli import UsageError
+from raysnet.config import ConfigError, DataConfig
+from raysnet.data import check_dataset, ensure_dataset, make_loaders, parse_args, prepare, set_epoch
+from raysnet.data.dataset import read_beton_header
+from raysnet.data.sources import ArraySamples, Split, digits_arrays, from_arrays
+from raysnet.data.transforms import scale_crop
+from raysnet.data.writer import WriteError, WriteSettings, write_dataset
+
+# numba's dispatcher finaliser trips over FFCV's per-loader compiled functions when a loader is
+# garbage-collected; harmless, and not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+CPU = torch.device("cpu")
+RAW = WriteSettings("raw", None, 90, 0.5, 0, workers=2, progress=False)
+IDENTITY = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # normalised values == stored pixels
+
+
+def raw_meta(meta: dict) -> dict:
+    return {**meta, **IDENTITY}
+
+
+def loaders(root: Path, meta: dict, batch_size: int = 16, seed: int = 0, **data: object):
+    cfg = DataConfig(name="test", root=str(root), loader_workers=1, **data)
+    return make_loaders(cfg, raw_meta(meta), batch_size, device=CPU, seed=seed, distributed=False,
+                        channels_last=False, drop_last_train=False)
+
+
+def collect(loader) -> tuple[np.ndarray, np.ndarray]:
+    """All batches as uint8 NHWC images and labels (the loaders' buffers are reused: copy)."""
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x.permute(0, 2, 3, 1).round().to(torch.uint8).numpy().copy())
+        labels.append(y.numpy().copy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def one_paragraph_exit(capsys, argv: list[str], run=None) -> str:
+    """Run an entry point in-process; it must exit 2 with one paragraph and no traceback."""
+    from raysnet.prepare import run as prepare_run
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(run or prepare_run, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("error: ") and "Traceback" not in err and "\n\n" not in err.strip()
+    return " ".join(err.split())
+
+
+def index_images(n: int, size: int = 8) -> np.ndarray:
+    """Images that carry their own index in pixel (0, 0): red = i % 256, green = i // 256."""
+    images = np.full((n, size, size, 3), 100, dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    images[:, 0, 0, 1] = np.arange(n) // 256
+    return images
+
+
+def decoded_index(images: np.ndarray) -> list[int]:
+    return (images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)).tolist()
+
+
+def index_dataset(out: Path, n_train: int, n_val: int) -> Path:
+    train, val = index_images(n_train), index_images(n_val)
+    write_dataset(from_arrays("index", ["a", "b", "c", "d"], (train, np.arange(n_train) % 4),
+                              (val, np.arange(n_val) % 4)), out, RAW)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> Path:
+    """The embedded digits, prepared the way training does it: by ensure_dataset on first use."""
+    root = tmp_path_factory.mktemp("data") / "digits"
+    ensure_dataset(DataConfig(name="digits", root=str(root), auto_prepare=True))
+    return root
+
+
+# --- prepare -> load round trips -------------------------------------------------------------
+
+
+def test_digits_round_trip(digits_dir, capsys):
+    meta = check_dataset(DataConfig(name="digits", root=str(digits_dir)), num_classes=10)
+    (train_x, train_y), (val_x, val_y) = digits_arrays()
+    assert meta["classes"] == [str(d) for d in range(10)]
+    assert (meta["splits"]["train"]["samples"], meta["splits"]["val"]["samples"]) == (1437, 360)
+    assert sum(meta["splits"]["train"]["per_class"].values()) + sum(meta["splits"]["val"]["per_class"].values()) == 1797
+    assert np.allclose(meta["mean"], train_x.reshape(-1, 3).mean(0), atol=1e-3)
+    assert meta["write"]["write_mode"] == "raw"
+
+    train, val = loaders(digits_dir, meta, train_aug="cifar", pad=0, flip=False, val_aug="original")
+    images, labels = collect(val)  # sequential: stored order, every pixel as prepared
+    assert np.array_equal(images, val_x) and np.array_equal(labels, val_y)
+    images, labels = collect(train)  # shuffled: the same set
+    order = np.lexsort(images.reshape(len(images), -1).T)
+    expected = np.lexsort(train_x.reshape(len(train_x), -1).T)
+    assert np.array_equal(images[order], train_x[expected]) and np.array_equal(labels[order], train_y[expected])
+
+    # A second ensure_dataset finds it and prepares nothing.
+    ensure_dataset(DataConfig(name="digits", root=str(digits_dir), auto_prepare=True))
+    assert "preparing" not in capsys.readouterr().out
+
+
+def write_cifar(root: Path, per_batch: int = 4, n_test: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                            np.ndarray]:
+    """A tiny CIFAR-10 in the pickled release's layout; returns (train x, y, test x, y) as NHWC."""
+    rng = np.random.default_rng(0)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    xs, ys = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)  # R plane, G plane, B plane
+        labels = rng.integers(0, 10, n).tolist()
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": labels, "batch_label": name}, f)
+        xs.append(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(labels))
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+    return np.concatenate(xs[:5]), np.concatenate(ys[:5]), xs[5], ys[5]
+
+
+def test_cifar_round_trip(tmp_path):
+    train_x, train_y, test_x, test_y = write_cifar(tmp_path / "src")
+    meta = prepare(parse_args(["source=cifar10", f"root={tmp_path / 'src'}", f"out={tmp_path / 'cifar'}",
+                               "download=false", "progress=false"]))
+    assert meta["classes"][0] == "airplane" and meta["num_classes"] == 10
+    assert meta["splits"]["train"]["samples"] == 20 and meta["splits"]["val"]["samples"] == 6
+    assert list(meta["splits"]["train"]["per_class"].values()) == np.bincount(train_y, minlength=10).tolist()
+
+    train, val = loaders(tmp_path / "cifar", check_dataset(DataConfig(root=str(tmp_path / "cifar"))),
+                         batch_size=4, train_aug="cifar", pad=0, flip=False, val_aug="original")
+    images, labels = collect(val)
+    assert np.array_equal(images, test_x) and np.array_equal(labels, test_y)
+    images, labels = collect(train)
+    key = lambda x: [im.tobytes() for im in x]  # noqa: E731
+    assert sorted(zip(key(images), labels.tolist())) == sorted(zip(key(train_x), train_y.tolist()))
+
+
+def make_imagefolder(root: Path, classes=("cat", "dog", "eel"), n_train: int = 4, n_val: int = 2,
+                     val_name: str = "val") -> dict[str, np.ndarray]:
+    """Varied sizes, PNG and JPEG. Returns {relative path: the pixels PIL decodes from it}."""
+    rng = np.random.default_rng(1)
+    pixels = {}
+    for split, n in (("train", n_train), (val_name, n_val)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(20, 70, 2)
+                path = root / split / c / f"{i}.{'png' if i % 2 else 'jpg'}"
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+                pixels[str(path.relative_to(root))] = np.asarray(Image.open(path).convert("RGB"))
+    return pixels
+
+
+def stored_raw_images(beton: Path) -> list[np.ndarray]:
+    """Read a raw-mode .beton's images straight from its bytes, in stored order."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    data = np.fromfile(beton, dtype=np.uint8)
+    images = []
+    for m in reader.metadata:
+        ptr, h, w = int(m["f0"]["data_ptr"]), int(m["f0"]["height"]), int(m["f0"]["width"])
+        assert m["f0"]["mode"] == 1  # raw
+        images.append(data[ptr:ptr + h * w * 3].reshape(h, w, 3))
+    return images
+
+
+def test_imagefolder_round_trip(tmp_path):
+    pixels = make_imagefolder(tmp_path / "src")
+    meta = prepare(parse_args(["source=imagefolder", f"root={tmp_path / 'src'}", f"out={tmp_path / 'ds'}",
+                               "storage=raw", "max_resolution=null", "workers=2", "progress=false"]))
+    assert meta["classes"] == ["cat", "dog", "eel"] and meta["skipped"] == []
+    assert meta["splits"]["train"]["per_class"] == {"cat": 4, "dog": 4, "eel": 4}
+    sizes = [p.shape for k, p in pixels.items() if k.startswith("train")]
+    assert meta["splits"]["train"]["image_size"]["height"]["min"] == min(s[0] for s in sizes)
+    assert meta["splits"]["train"]["image_size"]["width"]["max"] == max(s[1] for s in sizes)
+    all_train = np.concatenate([p.reshape(-1, 3) for k, p in pixels.items() if k.startswith("train")])
+    assert np.allclose(meta["mean"], all_train.mean(0), atol=1e-3)
+    assert np.allclose(meta["std"], all_train.std(0), atol=1e-3)
+
+    # Every pixel as decoded from the source, in class then file-name order.
+    for split in ("train", "val"):
+        stored = stored_raw_images(tmp_path / "ds" / f"{split}.beton")
+        expected = [pixels[k] for k in sorted(k for k in pixels if k.startswith(split))]
+        assert len(stored) == len(expected)
+        assert all(np.array_equal(a, b) for a, b in zip(stored, expected))
+
+    # The ImageNet-style loaders bring every sample back with its label, at the crop size.
+    train, val = loaders(tmp_path / "ds", meta, batch_size=5, train_aug="scale", crop=16, scale_range=(16, 24),
+                         colour=True, val_aug="center", val_resize=20)
+    for loader, per_class in ((train, 4), (val, 2)):
+        images, labels = collect(loader)
+        assert images.shape[1:] == (16, 16, 3)
+        assert np.bincount(labels).tolist() == [per_class] * 3
+
+
+def test_max_resolution_and_jpeg_storage(tmp_path):
+    src = tmp_path / "src"
+    for split in ("train", "test"):  # test/ is accepted in place of val/
+        (src / split / "x").mkdir(parents=True)
+        Image.new("RGB", (300, 150), (200, 30, 30)).save(src / split / "x" / "big.jpg")
+    meta = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={tmp_path / 'ds'}", "max_resolution=100",
+                               "progress=false"]))
+    from ffcv.reader import Reader
+
+    stored = Reader(str(tmp_path / "ds" / "train.beton")).metadata[0]["f0"]
+    assert (int(stored["width"]), int(stored["height"]), int(stored["mode"])) == (100, 50, 0)  # 0: jpg
+    assert meta["source"]["val"] == "test" and meta["write"]["storage"] == "jpeg"
+    assert meta["splits"]["train"]["image_size"]["width"]["max"] == 300  # the source's size
+
+
+# --- failures: skipped files, existing output, interrupted writes, bad input ------------------
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path, capsys):
+    make_imagefolder(tmp_path / "src")
+    cat = tmp_path / "src" / "train" / "cat"
+    (cat / "garbage.jpg").write_bytes(b"this is not a jpeg at all")
+    good = (cat / "0.jpg").read_bytes()
+    (cat / "truncated.jpg").write_bytes(good[:len(good) // 2])
+    (cat / "notes.txt").write_text("not an image")
+
+    from raysnet.prepare import run
+
+    assert run(["source=imagefolder", f"root={tmp_path / 'src'}", f"out={tmp_path / 'ds'}", "progress=false"]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in meta["skipped"]}
+    assert set(reasons) == {"train/cat/garbage.jpg", "train/cat/truncated.jpg", "train/cat/notes.txt"}
+    assert "truncated" in reasons["train/cat/truncated.jpg"]
+    assert "skipped 3 file(s)" in printed and "train/cat/garbage.jpg" in printed
+    assert meta["splits"]["train"]["per_class"]["cat"] == 4  # the good ones are all there
+
+
+def test_existing_output_is_untouched_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "ds"
+    index_dataset(out, 8, 4)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    msg = one_paragraph_exit(capsys, ["source=digits", f"out={out}"])
+    assert str(out) in msg and "overwrite=true" in msg
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    meta = prepare(parse_args(["source=digits", f"out={out}", "overwrite=true", "progress=false"]))
+    assert meta["source"]["kind"] == "digits" and check_dataset(DataConfig(root=str(out)))["num_classes"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary directories left
+
+
+class FailingSamples(ArraySamples):
+    def __getitem__(self, i: int):
+        if i == 5:
+            raise OSError("disk vanished")
+        return super().__getitem__(i)
+
+
+def test_interrupted_write_leaves_no_final_file(tmp_path):
+    images = index_images(40)
+    labels = np.arange(40) % 4
+    source = from_arrays("index", list("abcd"), (images, labels), (images, labels))
+    source.splits["val"] = Split(FailingSamples(images, labels), labels, np.full(40, 8), np.full(40, 8))
+
+    with pytest.raises(WriteError, match="val.beton"):
+        write_dataset(source, tmp_path / "fresh", RAW)
+    assert list(tmp_path.iterdir()) == []  # not even train.beton, which was finished
+
+    index_dataset(tmp_path / "old", 8, 4)
+    meta_before = (tmp_path / "old" / "meta.json").read_text()
+    with pytest.raises(WriteError):
+        write_dataset(source, tmp_path / "old", RAW, overwrite=True)
+    assert (tmp_path / "old" / "meta.json").read_text() == meta_before  # the old dataset survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_truncated_beton_is_a_clear_error(digits_dir, tmp_path, capsys):
+    root = tmp_path / "digits"
+    shutil.copytree(digits_dir, root)
+    beton = root / "train.beton"
+    data = DataConfig(name="digits", root=str(root))
+    with open(beton, "r+b") as f:
+        f.truncate(beton.stat().st_size // 2)
+    with pytest.raises(UsageError, match="truncated or corrupt") as e:
+        check_dataset(data)
+    assert str(beton) in str(e.value) and "python -m raysnet.prepare source=digits" in str(e.value)
+    msg = one_paragraph_exit(capsys, [], run=lambda _: check_dataset(data))
+    assert str(beton) in msg
+
+    # Without the byte count in meta.json the header alone still catches it.
+    with pytest.raises(UsageError, match="allocation table"):
+        read_beton_header(beton)
+    with open(beton, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(UsageError, match="header"):
+        read_beton_header(beton)
+
+
+def test_dataset_checks(digits_dir, tmp_path):
+    with pytest.raises(UsageError, match="10 classes but the model has 100"):
+        check_dataset(DataConfig(root=str(digits_dir)), num_classes=100)
+    missing = DataConfig(name="cifar10", root=str(tmp_path / "nowhere"), auto_prepare=True)
+    with pytest.raises(UsageError) as e:
+        ensure_dataset(missing)
+    assert f"python -m raysnet.prepare source=cifar10 out={tmp_path / 'nowhere'}" in str(e.value)
+    with pytest.raises(UsageError, match="source=imagefolder root="):
+        ensure_dataset(DataConfig(name="imagenet", root=str(tmp_path / "nowhere")))
+
+
+def test_bad_imagefolders_are_clear_errors(tmp_path, capsys):
+    make_imagefolder(tmp_path / "a")
+    (tmp_path / "a" / "train" / "empty").mkdir()
+    msg = one_paragraph_exit(capsys, ["source=imagefolder", f"root={tmp_path / 'a'}", f"out={tmp_path / 'o'}"])
+    assert f"class folder '{tmp_path / 'a' / 'train' / 'empty'}' is empty" in msg
+
+    make_imagefolder(tmp_path / "b", val_name="holdout")
+    msg = one_paragraph_exit(capsys, ["source=imagefolder", f"root={tmp_path / 'b'}", f"out={tmp_path / 'o'}"])
+    assert str(tmp_path / "b" / "val") in msg and str(tmp_path / "b" / "test") in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_arguments(capsys):
+    with pytest.raises(ConfigError, match="Did you mean 'overwrite'"):
+        parse_args(["source=digits", "overwrit=true"])
+    with pytest.raises(ConfigError, match="'storage'"):
+        parse_args(["source=digits", "storage=png"])
+    with pytest.raises(ConfigError, match="missing key 'source'"):
+        parse_args([])
+    assert "source=imagefolder needs root" in one_paragraph_exit(capsys, ["source=imagefolder"])
+
+
+def test_cli_exit_status(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "keep.txt").write_text("mine")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "raysnet.prepare", "source=digits", f"out={tmp_path / 'ds'}"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: output directory") and "Traceback" not in done.stderr
+    assert (tmp_path / "ds" / "keep.txt").read_text() == "mine"
+
+
+# --- sharding across two Ray Train workers ---------------------------------------------------
+
+
+def _record_shards(config: dict) -> None:
+    """Ray Train worker: which samples this rank sees, epoch by epoch, and with a fresh loader."""
+    import ray.train
+
+    from raysnet.data import check_dataset, make_loaders, set_epoch
+
+    data = DataConfig(name="index", root=config["root"], train_aug="cifar", pad=0, crop=8, flip=False,
+                      loader_workers=1)
+    meta = {**check_dataset(data), **IDENTITY}
+
+    def build():
+        return make_loaders(data, meta, 8, device=torch.device("cpu"), seed=config["seed"], distributed=True,
+                            channels_last=False)
+
+    def seen(loader) -> list[int]:
+        return [i for x, _ in loader for i in decoded_index(x[:, :, :1, :1].permute(0, 2, 3, 1).round().byte().numpy())]
+
+    train, val = build()
+    record = {"epochs": [seen(train), seen(train)], "val": seen(val)}
+    again, _ = build()
+    record["same_seed"] = seen(again)
+    set_epoch(again, 1)
+    record["resumed_epoch1"] = seen(again)
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def test_two_ray_workers_see_disjoint_shards(ray_local, tmp_path):
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Ship this module's worker function by value: Ray's workers cannot import tests/.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    root = index_dataset(tmp_path / "index", 96, 50)
+    trainer = TorchTrainer(_record_shards, train_loop_config={"root": str(root), "out": str(tmp_path), "seed": 3},
+                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shards"))
+    trainer.fit()
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for epoch in (0, 1):
+        a, b = r0["epochs"][epoch], r1["epochs"][epoch]
+        assert len(a) == len(b) == 48 and not set(a) & set(b) and sorted(a + b) == list(range(96))
+    for r in (r0, r1):
+        assert r["epochs"][0] != r["epochs"][1]  # a new order every epoch
+        assert r["same_seed"] == r["epochs"][0]  # the same order for the same seed
+        assert r["resumed_epoch1"] == r["epochs"][1]  # set_epoch reproduces a resumed epoch
+    assert sorted(r0["val"] + r1["val"]) == list(range(50))  # every val sample exactly once
+    assert r0["val"] == sorted(r0["val"])
+
+
+# --- augmentations do what the paper says ----------------------------------------------------
+
+
+def coordinate_images(n: int, size: int = 32) -> np.ndarray:
+    """Red encodes the row, green the column, blue is never 0: a crop's origin can be read back."""
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    image = np.stack([10 + 7 * rows, 10 + 7 * cols, np.full_like(rows, 200)], axis=-1).astype(np.uint8)
+    return np.repeat(image[None], n, axis=0)
+
+
+def test_cifar_pad_crop_and_flip(tmp_path):
+    n = 200
+    write_dataset(from_arrays("coords", ["x"], (coordinate_images(n), np.zeros(n, int)),
+                              (coordinate_images(4), np.zeros(4, int))), tmp_path / "ds", RAW)
+    meta = check_dataset(DataConfig(root=str(tmp_path / "ds")))
+    train, _ = loaders(tmp_path / "ds", meta, batch_size=50, train_aug="cifar", pad=4, crop=32, flip=True)
+    images = np.concatenate([collect(train)[0], collect(train)[0]]).astype(int)  # two epochs
+    assert images.shape == (2 * n, 32, 32, 3)
+
+    flips, shifts = 0, set()
+    for im in images:
+        inside = im[..., 2] != 0  # blue is 200 on the image, 0 on the padding
+        r = np.argwhere(inside)[0][0]
+        green = im[r, inside[r], 1]
+        if green[1] < green[0]:  # columns run backwards: mirrored
+            flips += 1
+            im, inside = im[:, ::-1], inside[:, ::-1]
+        r, c = np.argwhere(inside)[0]  # the window's first image pixel
+        dy, dx = (im[r, c, 0] - 10) // 7 - r, (im[r, c, 1] - 10) // 7 - c  # window offset from the image
+        assert abs(dy) <= 4 and abs(dx) <= 4
+        shifts.add((dy, dx))
+        expected = np.zeros((32, 32), bool)
+        expected[max(0, -dy):32 - max(0, dy), max(0, -dx):32 - max(0, dx)] = True
+        assert np.array_equal(inside, expected)  # zeros exactly where the padding is
+        rows, cols = np.nonzero(expected)
+        assert np.array_equal(im[rows, cols, 0], 10 + 7 * (rows + dy))  # and the image, shifted
+        assert np.array_equal(im[rows, cols, 1], 10 + 7 * (cols + dx))
+    assert 0.4 < flips / len(images) < 0.6  # p = 1/2; 400 draws put 0.1 at 4 standard deviations
+    assert {dy for dy, _ in shifts} == set(range(-4, 5)) and {dx for _, dx in shifts} == set(range(-4, 5))
+
+
+def test_scale_augmentation_shorter_side_in_range():
+    rng = np.random.default_rng(0)
+    crop, lo, hi = 224, 256, 480
+    implied = []
+    for _ in range(2000):
+        h, w = (int(v) for v in rng.integers(200, 800, 2))
+        i, j, side_h, side_w = scale_crop(h, w, np.array([lo, hi], float), float(crop))
+        assert side_h == side_w and 0 <= i <= h - side_h and 0 <= j <= w - side_w
+        # The shorter side the image was (virtually) resized to before the 224 crop.
+        s = crop * min(h, w) / side_h
+        implied.append(s)
+        assert lo * (1 - 1 / side_h) - 1e-9 <= s <= hi * (1 + 1 / side_h)  # up to rounding the window
+    implied = np.asarray(implied)
+    assert abs(implied.mean() - (lo + hi) / 2) < 6 and implied.min() < lo + 10 and implied.max() > hi - 10
+
+
+def test_crop_sizes_scale_rrc_center(tmp_path):
+    src = tmp_path / "src"
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        (src / split / "x").mkdir(parents=True)
+        for i, (h, w) in enumerate([(260, 300), (300, 270), (280, 280), (320, 260)]):
+            # A left-to-right ramp: the centre crop's middle column keeps the source's middle value.
+            ramp = np.broadcast_to(np.linspace(0, 255, w)[None, :, None], (h, w, 3)).astype(np.uint8)
+            Image.fromarray(np.clip(ramp + rng.integers(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)).save(
+                src / split / "x" / f"{i}.png")
+    meta = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={tmp_path / 'ds'}", "progress=false"]))
+    for aug in ("scale", "rrc"):
+        train, val = loaders(tmp_path / "ds", meta, batch_size=4, train_aug=aug, crop=224, val_aug="center",
+                             val_resize=256)
+        images, _ = collect(train)
+        assert images.shape == (4, 224, 224, 3)
+    images, _ = collect(val)
+    assert images.shape == (4, 224, 224, 3)
+    assert np.all(np.abs(images[:, :, 112, 0].astype(int) - 128) < 12)  # centred
