@@ -117,7 +117,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, digits_root):
 def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_local, tmp_path, digits_root):
     from raysnet.train.driver import train
 
-    steps = json.loads((Path(digits_root) / "meta.json").read_text())["counts"]["train"] // 64
+    steps = json.loads((Path(digits_root) / "meta.json").read_text())["splits"]["train"]["samples"] // 64
     # Epoch 0 trains at lr 1e30 * 1e-31 = 0.1 (warm-up); epoch 1 at 1e30 overflows.
     cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3",
                        "optim.lr=1e30", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31"])

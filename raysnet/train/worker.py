@@ -82,6 +82,10 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
+    if dist.is_available() and dist.is_initialized():
+        # Every rank evaluates rank 0's BN statistics (each rank's last training forward moved its own).
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     model.eval()
     stats = EpochStats(device)
     for step, (images, labels) in enumerate(loader):

@@ -1,0 +1,80 @@
+"""The paper's testing modes: the mechanics of the views, and the command on a real checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from raysnet.config import load_config
+from raysnet.evaluate import EvalConfig, load_model, predict, views
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ten_crop_and_multiscale_views():
+    images = torch.randn(2, 3, 256, 256)
+    ten = views(images, "10crop", 224, ())
+    assert len(ten) == 10 and all(v.shape == (2, 3, 224, 224) for v in ten)
+    assert torch.equal(ten[4], images[:, :, 16:240, 16:240])  # the centre
+    assert torch.equal(ten[5], ten[1].flip(-1))  # the flipped image's top-left is the top-right, mirrored
+    multi = views(images, "multiscale", 224, (224, 256, 384, 480, 640))
+    assert [v.shape[-1] for v in multi] == [224, 256, 384, 480, 640]
+    assert views(images, "single", 224, ()) == [images]
+
+
+def test_modes_agree_on_a_crop_and_flip_invariant_model():
+    # Global average pooling of a constant image is the same for every crop, flip and scale.
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5)).eval()
+    images = torch.rand(4, 3, 1, 1).expand(4, 3, 256, 256).contiguous()
+    single = predict(model, images, "single", 224, ())
+    for mode in ("10crop", "multiscale"):
+        assert torch.allclose(predict(model, images, mode, 224, (224, 256, 384)), single, atol=1e-6)
+
+
+def test_a_torchvision_state_dict_evaluates_as_the_v15_b_variant(tmp_path):
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path / "tv.pt"
+    torch.save(reference.state_dict(), path)
+    model, cfg, _ = load_model(EvalConfig(checkpoint=str(path), arch="resnet18"), ["data=digits"])
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A raysnet checkpoint of an untrained ResNet-20 over the prepared digits."""
+    from raysnet.data import ensure_dataset
+    from raysnet.models import build_model
+    from raysnet.train.worker import make_optimizer, save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = load_config([f"data.root={tmp / 'digits'}"])
+    ensure_dataset(cfg.data)
+    model = build_model("resnet20")
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    save_checkpoint(tmp / "checkpoint.pt", model, opt, sched, 0, cfg, "", [])
+    return tmp / "checkpoint.pt"
+
+
+def test_evaluate_command_prints_every_mode(checkpoint):
+    out = subprocess.run([sys.executable, "-m", "raysnet.evaluate", f"checkpoint={checkpoint}", "scales=[32,48]",
+                          "max_batches=2", "log=false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "top-1 error" in line]
+    assert [line.split()[1] for line in lines] == ["single:", "10crop:", "multiscale:"]
+    assert all("(64 images of digits)" in line for line in lines)
+
+
+def test_evaluate_rejects_bad_input_clearly(tmp_path, checkpoint):
+    for args, words in ((["checkpoint=/nope.pt"], "is not a file"), ([f"checkpoint={checkpoint}", "mode=5crop"], "mode"),
+                        ([f"checkpoint={checkpoint}", "optim.lr=1"], "unknown key 'optim.lr'")):
+        out = subprocess.run([sys.executable, "-m", "raysnet.evaluate", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
