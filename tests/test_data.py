@@ -116,6 +116,26 @@ def test_digits_round_trip(digits_dir, capsys):
     assert "preparing" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("os_cache", [True, False])  # RANDOM, and QUASI_RANDOM for datasets beyond RAM
+def test_order_depends_on_seed_and_epoch_only(digits_dir, os_cache):
+    data = DataConfig(name="digits", root=str(digits_dir), os_cache=os_cache, loader_workers=1)
+    meta = check_dataset(data)
+
+    def labels(loader) -> list[int]:
+        return [i for _, y in loader for i in y.tolist()]
+
+    def build(seed: int):
+        return make_loaders(data, meta, 64, device=CPU, seed=seed, distributed=False, channels_last=True)[0]
+
+    train = build(0)
+    epochs = [labels(train), labels(train)]
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) != epochs[0]
+    again = build(0)
+    set_epoch(again, 1)  # resuming at epoch 1 sees epoch 1's batches
+    assert labels(again) == epochs[1] and labels(again) != epochs[1]  # and then moves on to epoch 2
+    assert labels(build(1)) != epochs[0]
+
+
 def write_cifar(root: Path, per_batch: int = 4, n_test: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                             np.ndarray]:
     """A tiny CIFAR-10 in the pickled release's layout; returns (train x, y, test x, y) as NHWC."""

@@ -21,6 +21,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
+from ffcv.traversal_order import QuasiRandom
 from ffcv.transforms import (NormalizeImage, RandomBrightness, RandomContrast, RandomSaturation, Squeeze, ToDevice, ToTensor, ToTorchImage)
 
 from raysnet.cli import UsageError
@@ -97,6 +98,23 @@ def _rank_world(distributed: bool) -> tuple[int, int]:
     return 0, 1
 
 
+class ReproducibleQuasiRandom(QuasiRandom):
+    """FFCV's QUASI_RANDOM order as a function of (seed, epoch) only.
+
+    FFCV 1.0.2 shuffles its page table in place, so epoch E's order depends on every order
+    drawn before it (the Loader itself draws one at construction): a resumed run would see
+    different batches. Here each epoch starts from the pristine table.
+    """
+
+    def __init__(self, loader: Loader):
+        super().__init__(loader)
+        self.pristine = self.page_to_samples_array.copy()
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.page_to_samples_array[:] = self.pristine
+        return super().sample_order(epoch)
+
+
 def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, device: torch.device, seed: int,
                  distributed: bool, channels_last: bool, drop_last_train: bool = True) -> tuple[Loader, Loader]:
     """(train_loader, val_loader) for this worker; `batch_size` is per worker.
@@ -122,6 +140,9 @@ def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, dev
                  order=OrderOption.SEQUENTIAL, indices=np.arange(rank, n_val, world), drop_last=False,
                  pipelines={"image": val_decoder(data, meta) + to_batch(meta, device, channels_last),
                             "label": label_pipeline(device)})
+    if order == OrderOption.QUASI_RANDOM:
+        # FFCV 1.0.2 cannot take a custom order class (Loader calls an instance), so swap it in.
+        train.traversal_order = ReproducibleQuasiRandom(train)
     if len(train) == 0:
         raise UsageError(f"batch_size {batch_size} per worker is larger than this worker's share of the "
                          f"{meta['splits']['train']['samples']} training samples in '{root}'; lower batch_size.")

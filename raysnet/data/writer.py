@@ -196,18 +196,20 @@ def write_dataset(source: Source, out: Path, w: WriteSettings, overwrite: bool =
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=1)
         tmp.chmod(0o755)  # mkdtemp makes it private
-        _install(tmp, out)
+        _install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
 
 
-def _install(tmp: Path, out: Path) -> None:
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished directory onto `out`; an old one is moved aside first, then removed."""
     if out_is_free(out):
         os.replace(tmp, out)  # onto an absent or empty directory: one atomic rename
         return
+    if not overwrite:  # someone else finished first while this run was writing
+        raise UsageError(f"output directory '{out}' appeared while writing; it was left as it is.")
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, old / out.name)
     try:
