@@ -26,10 +26,35 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
+    import socket
+
+    with socket.socket() as s:  # the dashboard serves the state API Ray Train's clean-up polls
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              _temp_dir=tmp, logging_level="WARNING")
     try:
         yield ray
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sweep_digits(tmp_path_factory) -> str:
+    """The embedded digits, prepared once for the sweep, report and analysis tests."""
+    from raysnet.config import load_config
+    from raysnet.data import ensure_dataset
+
+    root = str(tmp_path_factory.mktemp("sweepdata") / "digits")
+    ensure_dataset(load_config([f"data.root={root}"]).data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, sweep_digits):
+    """plain20 vs resnet20 on digits through `python -m raysnet.tune`, killed after its first trial
+    and run again to the end (see tests/sweep_helpers.py)."""
+    from sweep_helpers import interrupted_sweep
+
+    return interrupted_sweep(tmp_path_factory.mktemp("sweep"), sweep_digits)

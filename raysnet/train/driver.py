@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -134,11 +135,15 @@ def finish(cfg: Config, meta: dict, run_id: str, result) -> int:
     """Close the MLflow run with the model, or explain why the run stopped. -> exit status"""
     import torch
 
+    from raysnet.train.worker import NONFINITE_NOTE, pop_note
+
     metrics = result.metrics or {}
-    if "nonfinite_step" in metrics:
+    bad = pop_note(cfg, NONFINITE_NOTE)
+    if bad:
         last = f"the last good checkpoint is {result.checkpoint.path}" if result.checkpoint else "no checkpoint yet"
-        print(f"error: the training loss became non-finite at epoch {metrics['epoch']}, step "
-              f"{metrics['nonfinite_step']} (lower optim.lr, or check the data); training stopped and {last}.")
+        print(f"error: the training loss became non-finite at epoch {bad['epoch']}, step {bad['step']} "
+              f"(lower optim.lr, or check the data); training stopped and {last}.", file=sys.stderr)
+        tracking.fail_run(cfg, run_id)
         return 1
     model = _final_model(cfg, meta, result.checkpoint)
     with result.checkpoint.as_directory() as d:

@@ -160,3 +160,9 @@ def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, exam
             mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     client.set_terminated(run_id, status="FINISHED")
+
+
+def fail_run(cfg: Config, run_id: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(cfg.tracking.uri).set_terminated(run_id, status="FAILED")

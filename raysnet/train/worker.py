@@ -5,6 +5,7 @@ Sections follow the data: setup -> data -> network -> optimiser -> restore -> ep
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import time
@@ -23,6 +24,34 @@ from raysnet.models import build_model
 from raysnet.train.schedule import base_lr, lr_factor
 
 CHECKPOINT_FILE = "checkpoint.pt"
+NONFINITE_NOTE = "nonfinite.json"
+
+
+def _note_path(cfg: Config, name: str):
+    """(filesystem, path) of a small file in the run's directory; local or s3://, gs:// alike."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(cfg.run.storage)
+    return filesystem, f"{root}/{cfg.run.name}/{name}"
+
+
+def write_note(cfg: Config, name: str, note: dict) -> None:
+    filesystem, path = _note_path(cfg, name)
+    with filesystem.open_output_stream(path) as f:
+        f.write(json.dumps(note).encode())
+
+
+def pop_note(cfg: Config, name: str) -> dict | None:
+    """Read and remove a note; None when there is none."""
+    from pyarrow import fs
+
+    filesystem, path = _note_path(cfg, name)
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as f:
+        note = json.loads(f.read())
+    filesystem.delete_file(path)
+    return note
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -205,7 +234,11 @@ def train_loop(config: dict[str, Any]) -> None:
         train = stats.reduce()
         train_time = time.perf_counter() - start
         if train["bad_step"] >= 0:
-            # Stop every worker the same way (no retry, no checkpoint); the driver reports it.
+            # Stop every worker the same way: no retry (it would diverge again), no checkpoint (the
+            # last good one stays). Ray's result only carries checkpointed metrics, so rank 0
+            # leaves a note in the run's directory for the driver.
+            if rank == 0:
+                write_note(cfg, NONFINITE_NOTE, {"epoch": epoch, "step": train["bad_step"]})
             ray.train.report({"epoch": epoch, "nonfinite_step": train["bad_step"]})
             return
         last = epoch == cfg.epochs - 1
