@@ -53,7 +53,7 @@ RUN apt-get update \
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /opt/raysnet
-COPY pyproject.toml README.md install.sh ./
+COPY pyproject.toml README.md ./
 COPY raysnet/ raysnet/
 # Sweep files: `python -m raysnet.tune /opt/raysnet/tuning/NAME.yaml` (the k8s sweep RayJob).
 COPY tuning/ tuning/

@@ -389,6 +389,7 @@ def test_dockerfile():
     assert users and users[-1].isdigit() and users[-1] != "0", "runs as a numeric non-root uid (runAsNonRoot)"
     exposed = {p for line in re.findall(r"^EXPOSE (.+)$", text, re.MULTILINE) for p in line.split()}
     assert {"6379", "8265", "10001", "5000"} <= exposed
+    assert f'org.opencontainers.image.version="{image().rsplit(":", 1)[1]}"' in text
     # The sweep RayJob runs `python -m raysnet.tune /opt/raysnet/tuning/...`.
     assert re.search(r"^WORKDIR /opt/raysnet$(?:.|\n)*^COPY tuning/ tuning/$", text, re.MULTILINE)
 
