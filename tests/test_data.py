@@ -136,6 +136,27 @@ def test_order_depends_on_seed_and_epoch_only(digits_dir, os_cache):
     assert labels(build(1)) != epochs[0]
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_device_normalisation_path_matches_cpu_path(digits_dir, channels_last):
+    """The CUDA branch (uint8 to the device, then normalise there), run on the CPU."""
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.loader import Loader
+
+    from raysnet.data.loaders import label_pipeline, to_batch
+
+    meta = check_dataset(DataConfig(root=str(digits_dir)))
+    batches = {}
+    for on_device in (False, True):
+        loader = Loader(str(digits_dir / "val.beton"), batch_size=100, num_workers=1, drop_last=False,
+                        pipelines={"image": [SimpleRGBImageDecoder()] + to_batch(meta, CPU, channels_last, on_device),
+                                   "label": label_pipeline(CPU)})
+        batches[on_device] = [(x.clone(), y.clone()) for x, y in loader]
+    for (x, y), (xd, yd) in zip(batches[False], batches[True]):
+        assert xd.dtype == torch.float32 and xd.shape == x.shape == (len(y), 3, 32, 32)
+        assert xd.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.allclose(x, xd, atol=1e-5) and torch.equal(y, yd) and yd.dtype == torch.int64
+
+
 def write_cifar(root: Path, per_batch: int = 4, n_test: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                             np.ndarray]:
     """A tiny CIFAR-10 in the pickled release's layout; returns (train x, y, test x, y) as NHWC."""

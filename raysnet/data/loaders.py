@@ -69,15 +69,20 @@ def val_decoder(data: DataConfig, meta: dict[str, Any]) -> list[Operation]:
     return [CenterCropRGBImageDecoder((data.crop, data.crop), ratio=data.crop / data.val_resize)]
 
 
-def to_batch(meta: dict[str, Any], device: torch.device, channels_last: bool) -> list[Operation]:
-    """uint8 B x H x W x 3 -> normalised float32 B x 3 x H x W on `device`."""
+def to_batch(meta: dict[str, Any], device: torch.device, channels_last: bool,
+             on_device: bool | None = None) -> list[Operation]:
+    """uint8 B x H x W x 3 -> normalised float32 B x 3 x H x W on `device`.
+
+    `on_device` (default: on CUDA) copies uint8 to `device` and normalises there; tests run
+    that path on the CPU.
+    """
     mean, std = np.asarray(meta["mean"], dtype=np.float64), np.asarray(meta["std"], dtype=np.float64)
     std = np.maximum(std, 1e-3)  # a constant channel (grey digits have three equal ones) must not divide by 0
-    if device.type == "cuda":
+    if device.type == "cuda" if on_device is None else on_device:
         # Copy uint8 (4x fewer bytes than float32), then normalise on the GPU. FFCV's
         # NormalizeImage kernel is channels-last and needs cupy; otherwise plain torch.
         ops: list[Operation] = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-        if channels_last and importlib.util.find_spec("cupy") is not None:
+        if device.type == "cuda" and channels_last and importlib.util.find_spec("cupy") is not None:
             return ops + [NormalizeImage(mean, std, np.float32)]
         return ops + [TorchNormalize(mean, std, channels_last)]
     # CPU: normalise in the numba stage (a lookup table per channel), then view as NCHW.
