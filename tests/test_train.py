@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -188,7 +189,10 @@ def test_a_changed_config_does_not_resume_silently(tmp_path, digits_root):
 def test_ray_job_submit(tmp_path, digits_root):
     """`ray job submit --working-dir . -- python -m raysnet.train` against `ray start --head` on 127.0.0.1."""
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Token authentication on, with a token of this test's own (not the shared ~/.ray/auth_token).
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     temp = Path("/tmp") / f"rj{port}"  # short: Ray's socket paths have a 107-byte limit
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
@@ -205,11 +209,15 @@ def test_ray_job_submit(tmp_path, digits_root):
                     break
             except requests.RequestException:
                 time.sleep(0.5)
-        out = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-             "python", "-m", "raysnet.train", *FAST, "epochs=1", f"data.root={digits_root}",
-             f"run.storage={tmp_path}", "run.name=job"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the dashboard answers before its job agent is up
+            out = subprocess.run(
+                ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+                 "python", "-m", "raysnet.train", *FAST, "epochs=1", f"data.root={digits_root}",
+                 f"run.storage={tmp_path}", "run.name=job"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in out.stderr:
+                break
+            time.sleep(2)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout and "raysnet: done" in out.stdout
         assert len(history(f"sqlite:///{tmp_path / 'mlflow.db'}", "job")["val_err"]) == 1
