@@ -75,6 +75,15 @@ def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits_root):
     from raysnet.models import build_model
 
     build_model("resnet20", num_classes=10).load_state_dict(state["model"])
+    # MLflow holds the resolved config, the last checkpoint and the model.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("raysnet-digits").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["residual"] == "residual"
+    assert run.data.params["optim.lr"] == "0.1" and run.data.params["run.name"] == "e2e"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoint"} <= artifacts
 
 
 def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from raysnet.cli import UsageError
-from raysnet.config import Config, flatten
+from raysnet.config import Config, flatten, to_yaml
 from raysnet.models import get_arch
 
 RUN_NAME_TAG = "raysnet.run_name"
@@ -109,6 +109,7 @@ def open_run(cfg: Config, hardware: str, parent_run_id: str | None = None,
     params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
         client.log_batch(run.info.run_id, params=params[i:i + 100])
+    client.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")  # the resolved config, rerunnable as is
     return run.info.run_id, False
 
 
