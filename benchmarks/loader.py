@@ -127,7 +127,8 @@ def main() -> None:
         meta = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={out}", f"storage={args.storage}",
                                    f"max_resolution={args.max_resolution}", f"workers={os.cpu_count()}"]))
         n = meta["splits"]["train"]["samples"]
-        jpeg_mb = sum(f.stat().st_size for f in (src / "train").rglob("*") if f.is_file()) / 2**20
+        jpeg_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(src / "train", followlinks=True)
+                      for f in files) / 2**20
 
         torch.set_num_threads(1)  # the main process only iterates; workers do the work
         loaders = {"torchvision": torchvision_loader(src, args.batch_size, args.workers, meta["mean"], meta["std"])}

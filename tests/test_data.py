@@ -508,6 +508,20 @@ def test_scale_augmentation_shorter_side_in_range():
     assert abs(implied.mean() - (lo + hi) / 2) < 6 and implied.min() < lo + 10 and implied.max() > hi - 10
 
 
+def test_colour_jitter_factors():
+    from ffcv.pipeline.compiler import Compiler
+
+    from raysnet.data.transforms import ColourJitter
+
+    jitter = Compiler.compile(ColourJitter(0.4).generate_code())
+    grey = np.full((300, 4, 4, 3), 100, dtype=np.uint8)
+    out = jitter(grey.copy(), None).astype(int)
+    # A flat grey image only feels brightness: 100 * U[0.6, 1.4], and stays grey.
+    assert np.all(out == out[:, :1, :1, :1]) and 60 <= out.min() < 70 and 130 < out.max() <= 140
+    colour = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
+    assert (jitter(colour.copy(), None) != colour).mean() > 0.9
+
+
 def test_crop_sizes_scale_rrc_center(tmp_path):
     src = tmp_path / "src"
     rng = np.random.default_rng(2)

@@ -22,12 +22,12 @@ from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRG
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.traversal_order import QuasiRandom
-from ffcv.transforms import (NormalizeImage, RandomBrightness, RandomContrast, RandomSaturation, Squeeze, ToDevice, ToTensor, ToTorchImage)
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from raysnet.cli import UsageError
 from raysnet.config import DataConfig
 from raysnet.data.dataset import dataset_dir
-from raysnet.data.transforms import PadRandomCrop, RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize
+from raysnet.data.transforms import ColourJitter, PadRandomCrop, RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize
 from raysnet.data.writer import BETON
 
 COLOUR_JITTER = 0.4  # brightness, contrast, saturation factors in [0.6, 1.4], as torchvision's ColorJitter(0.4, 0.4, 0.4)
@@ -54,8 +54,7 @@ def train_decoder_and_augment(data: DataConfig, meta: dict[str, Any]) -> list[Op
     if data.flip:
         ops.append(RandomFlip())
     if data.colour:
-        ops += [RandomBrightness(COLOUR_JITTER, p=1.0), RandomContrast(COLOUR_JITTER, p=1.0),
-                RandomSaturation(COLOUR_JITTER, p=1.0)]
+        ops.append(ColourJitter(COLOUR_JITTER))
     return ops
 
 

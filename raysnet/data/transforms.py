@@ -92,6 +92,56 @@ class RandomFlip(Operation):
         return replace(previous_state, jit_mode=True), None
 
 
+class ColourJitter(Operation):
+    """Random brightness, contrast and saturation, each a factor in [1 - m, 1 + m], in place.
+
+    The "standard colour augmentation" of paper §3.4, in the brightness/contrast/saturation
+    form of torchvision's ColorJitter(m, m, m), applied in that order with one rounding at
+    the end. One fused pass of plain loops: FFCV's three separate ops compile for ~5 s.
+    """
+
+    def __init__(self, magnitude: float):
+        super().__init__()
+        self.magnitude = magnitude
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        m = self.magnitude
+
+        def jitter(images, _):
+            n, h, w, _c = images.shape
+            for i in my_range(n):
+                b = np.random.uniform(1 - m, 1 + m)
+                con = np.random.uniform(1 - m, 1 + m)
+                sat = np.random.uniform(1 - m, 1 + m)
+                grey_sum = 0.0  # mean luminance (ITU-R 601) of the image, for the contrast blend
+                for r in range(h):
+                    for q in range(w):
+                        grey_sum += 0.299 * images[i, r, q, 0] + 0.587 * images[i, r, q, 1] + 0.114 * images[i, r, q, 2]
+                grey_mean = b * grey_sum / (h * w)
+                for r in range(h):
+                    for q in range(w):
+                        # brightness: scale; contrast: blend with the mean grey
+                        red = con * b * images[i, r, q, 0] + (1 - con) * grey_mean
+                        green = con * b * images[i, r, q, 1] + (1 - con) * grey_mean
+                        blue = con * b * images[i, r, q, 2] + (1 - con) * grey_mean
+                        # saturation: blend with the pixel's own grey
+                        grey = 0.299 * red + 0.587 * green + 0.114 * blue
+                        red = sat * red + (1 - sat) * grey
+                        green = sat * green + (1 - sat) * grey
+                        blue = sat * blue + (1 - sat) * grey
+                        images[i, r, q, 0] = min(max(red + 0.5, 0.0), 255.0)
+                        images[i, r, q, 1] = min(max(green + 0.5, 0.0), 255.0)
+                        images[i, r, q, 2] = min(max(blue + 0.5, 0.0), 255.0)
+            return images
+
+        jitter.is_parallel = True
+        return jitter
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, jit_mode=True), None
+
+
 def scale_crop(height: int, width: int, scale_range: np.ndarray, crop: float) -> tuple[int, int, int, int]:
     """Paper §3.4 scale augmentation as one crop window of the stored image: (top, left, h, w).
 
