@@ -11,8 +11,11 @@ from raysnet import cli as _cli
 
 
 def run(args: list[str]) -> int:
-    from raysnet.data.prepare import default_out, parse_args, prepare, summary
+    from raysnet.data.prepare import default_out, parse_args, prepare, summary, usage
 
+    if {"-h", "--help"} & set(args):
+        print(usage())
+        return 0
     cfg = parse_args(args)
     meta = prepare(cfg)
     print(summary(meta, Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)))

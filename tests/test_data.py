@@ -390,7 +390,7 @@ def test_cli_exit_status(tmp_path):
     (tmp_path / "ds" / "keep.txt").write_text("mine")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-m", "raysnet.prepare", "source=digits", f"out={tmp_path / 'ds'}"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: output directory") and "Traceback" not in done.stderr
     assert (tmp_path / "ds" / "keep.txt").read_text() == "mine"

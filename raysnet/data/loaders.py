@@ -21,8 +21,8 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
-from ffcv.traversal_order import QuasiRandom
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order import QuasiRandom
 
 from raysnet.cli import UsageError
 from raysnet.config import DataConfig

@@ -30,6 +30,7 @@ from raysnet.data import sources
 from raysnet.data.writer import WriteSettings, out_is_free, write_dataset
 
 SOURCES = ("imagefolder", "cifar10", "digits")
+SHOW_SKIPPED = 20  # the summary lists this many skipped files; meta.json has them all
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class PrepareConfig:
     jpeg_quality: int = 90
     compress_probability: float = 0.5  # storage=proportion
     smart_threshold: int = 3 * 256 * 256  # storage=smart: JPEG for images whose raw pixels exceed this many bytes
-    workers: int = os.cpu_count() or 1  # processes that check and encode images
+    workers: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # (processes that check and encode images: every core this process may use)
     progress: bool = True
 
 
@@ -126,12 +128,20 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
 def summary(meta: dict[str, Any], out: Path | str) -> str:
     lines = [f"prepared {meta['source']['kind']} into {out}: {meta['num_classes']} classes"]
-    for name, s in meta["splits"].items():
+    for s in meta["splits"].values():
         h, w = s["image_size"]["height"], s["image_size"]["width"]
         lines.append(f"  {s['file']}: {s['samples']} images, {s['bytes'] / 2**20:.1f} MiB, "
                      f"height {h['min']}-{h['max']} (mean {h['mean']}), width {w['min']}-{w['max']} (mean {w['mean']})")
     lines.append(f"  mean {[round(m, 1) for m in meta['mean']]}, std {[round(s, 1) for s in meta['std']]} (0-255, train)")
     if meta["skipped"]:
         lines.append(f"  skipped {len(meta['skipped'])} file(s):")
-        lines += [f"    {s['path']}: {s['reason']}" for s in meta["skipped"]]
+        lines += [f"    {s['path']}: {s['reason']}" for s in meta["skipped"][:SHOW_SKIPPED]]
+        if len(meta["skipped"]) > SHOW_SKIPPED:
+            lines.append(f"    ... and {len(meta['skipped']) - SHOW_SKIPPED} more, listed in meta.json")
     return "\n".join(lines)
+
+
+def usage() -> str:
+    keys = "\n".join(f"  {f.name}={'(required)' if f.default is MISSING else f.default}"
+                     for f in dataclasses.fields(PrepareConfig))
+    return f"{__doc__.strip()}\n\nKeys and defaults:\n{keys}"

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, worker_job_indexed_dataset
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from tqdm import tqdm
 
 import raysnet
