@@ -1,0 +1,152 @@
+"""Sweeps: the sweep files, their validation, and a real sweep on Ray Tune + Ray Train + MLflow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysnet.config import ConfigError
+from raysnet.tune import spec as sweeps
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP_FILES = sorted((REPO / "tuning").glob("*.yaml"))
+
+
+def parse(text: str) -> sweeps.Sweep:
+    from omegaconf import OmegaConf
+
+    return sweeps.parse(OmegaConf.create(text), "test sweep")
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_sweep_file_validates(path):
+    """Each file's keys exist in the sweep schema and every trial resolves with load_config."""
+    spec, _ = sweeps.load(path)
+    configs = sweeps.validate(spec, [])
+    assert configs and spec.name == path.stem
+    names = [sweeps.run_name(sweeps.identity(spec, []), spec, p) for p in sweeps.points(spec)]
+    assert len(set(names)) == len(names)
+
+
+def test_the_shipped_sweeps_are_the_papers_comparisons():
+    cifar = sweeps.validate(sweeps.load(REPO / "tuning/plain-vs-residual-cifar.yaml")[0], [])
+    assert [c.arch for c in cifar] == [f"{k}{d}" for k in ("plain", "resnet") for d in (20, 32, 44, 56, 110)]
+    # §4.2: the 110-layer nets warm up at lr 0.01 (recipe cifar-paper-110); the others do not.
+    assert {c.arch: c.recipe for c in cifar}["resnet110"] == "cifar-paper-110"
+    assert all((c.optim.warmup_iters > 0) == c.arch.endswith("110") for c in cifar)
+    table2 = sweeps.validate(sweeps.load(REPO / "tuning/plain-vs-residual-imagenet.yaml")[0], [])
+    assert [(c.arch, c.model.shortcut) for c in table2] == [("plain18", "A"), ("plain34", "A"), ("resnet18", "A"),
+                                                            ("resnet34", "A")]
+    table3 = sweeps.validate(sweeps.load(REPO / "tuning/shortcuts-imagenet.yaml")[0], [])
+    assert [(c.arch, c.model.shortcut) for c in table3] == [
+        ("resnet34", "A"), ("resnet34", "B"), ("resnet34", "C"), ("resnet50", "B"), ("resnet101", "B"),
+        ("resnet152", "B")]
+    asha, _ = sweeps.load(REPO / "tuning/lr-wd-asha.yaml")
+    assert asha.scheduler.type == "asha" and set(asha.space) == {"optim.lr", "optim.weight_decay"}
+    assert sweeps.validate(asha, [])[0].data.name == "imagefolder"
+
+
+def test_trials_times_grid_with_conditions():
+    spec = parse("""
+name: t
+recipe: digits
+trials: [{arch: resnet20}, {arch: resnet56}]
+grid: {optim.lr: [0.1, 0.05]}
+when: [{match: {arch: resnet56, optim.lr: [0.05]}, set: {epochs: 3}}]
+""")
+    pts = sweeps.points(spec)
+    assert pts == [{"arch": "resnet20", "optim.lr": 0.1}, {"arch": "resnet20", "optim.lr": 0.05},
+                   {"arch": "resnet56", "optim.lr": 0.1}, {"arch": "resnet56", "optim.lr": 0.05}]
+    assert [c.epochs for c in sweeps.validate(spec, [])] == [15, 15, 15, 3]
+    # Command-line overrides reach every trial; a key the sweep varies cannot be overridden for all.
+    assert {c.batch_size for c in sweeps.validate(spec, ["batch_size=32"])} == {32}
+    with pytest.raises(ConfigError, match="optim.lr"):
+        sweeps.validate(spec, ["optim.lr=0.2"])
+
+
+def test_run_names_are_deterministic_and_distinct():
+    spec = parse("name: t\nrecipe: digits\ngrid: {arch: [plain20, resnet20]}")
+    a, b = sweeps.identity(spec, ["epochs=1"]), sweeps.identity(spec, ["epochs=2"])
+    assert a == sweeps.identity(parse("name: t\nrecipe: digits\ngrid: {arch: [plain20, resnet20]}"), ["epochs=1"])
+    assert a != b  # another command line is another sweep, with runs of its own
+    assert sweeps.run_name(a, spec, {"arch": "plain20"}).startswith("t-plain20-")
+    assert sweeps.run_name(a, spec, {"arch": "plain20"}) != sweeps.run_name(b, spec, {"arch": "plain20"})
+
+
+@pytest.mark.parametrize("text, words", [
+    ("name: t\nrecipe: digits\ngird: {arch: [resnet20]}", ["unknown key 'gird'", "grid"]),
+    ("name: t\nrecipe: digits\ngrid: {optim.lrr: [0.1]}", ["optim.lrr", "optim.lr"]),
+    ("name: t\nrecipe: digits\ngrid: {arch: [resnet21]}", ["resnet21", "resnet20"]),
+    ("name: t\nrecipe: digits\ntrials: [{model.shortcut: D}]", ["model.shortcut"]),
+    ("name: t\nrecipe: nope", ["unknown recipe 'nope'"]),
+    ("name: t\nrecipe: digits\nmetric: accuracy", ["metric", "val_err"]),
+    ("name: t\nrecipe: digits\nscheduler: {type: hyperband}", ["scheduler.type"]),
+    ("name: t\nrecipe: digits\nspace: {optim.lr: {loguniform: [0, 1]}}", ["space.optim.lr"]),
+    ("recipe: digits", ["name"]),
+])
+def test_mistakes_name_the_key(text, words):
+    with pytest.raises(ConfigError) as e:
+        sweeps.validate(parse(text), [])
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_cli_rejects_a_bad_sweep_before_anything_starts(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: bad\nrecipe: digits\ngrid: {optim.weight_decayy: [0.1]}\n")
+    out = subprocess.run([sys.executable, "-m", "raysnet.tune", str(tmp_path / "bad.yaml"),
+                          f"run.storage={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 2 and "optim.weight_decayy" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- a real sweep, interrupted and resumed (tests/sweep_helpers.py) ---------------------------------
+
+def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
+    from mlflow import MlflowClient
+
+    assert smoke_sweep.rerun.returncode == 0, smoke_sweep.rerun.stdout[-3000:] + smoke_sweep.rerun.stderr[-3000:]
+    client = MlflowClient(smoke_sweep.uri)
+    exp = client.get_experiment_by_name(smoke_sweep.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "raysnet.sweep" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    tags = {r.data.tags["arch"]: r.data.tags for r in children}
+    assert {k: (t["depth"], t["residual"], t["shortcut"], t["sweep"]) for k, t in tags.items()} == {
+        "plain20": ("20", "plain", "none", "smoke"), "resnet20": ("20", "residual", "A", "smoke")}
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert {"train_err", "val_err", "val_err_top5", "train_loss"} <= set(r.data.metrics)
+        assert r.data.params["epochs"] == "1" and r.data.params["run.workers"] == "1"
+    # The parent carries the sweep file and the summary, and the best trial's numbers.
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} | \
+        {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"sweep/smoke.yaml", "summary/summary.md", "summary/summary.json"} <= artifacts
+    best = min(children, key=lambda r: r.data.metrics["val_err"])
+    assert parent.data.tags["best.run_name"] == best.info.run_name
+    assert parent.data.metrics["best.val_err"] == pytest.approx(best.data.metrics["val_err"])
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(smoke_sweep):
+    from mlflow import MlflowClient
+    from sweep_helpers import child_runs, histories
+
+    assert smoke_sweep.rerun.returncode == 0, smoke_sweep.rerun.stdout[-3000:] + smoke_sweep.rerun.stderr[-3000:]
+    assert "resuming sweep" in smoke_sweep.rerun.stdout
+    children = child_runs(smoke_sweep.uri, smoke_sweep.experiment)
+    assert len(children) == 2  # exactly the trials: nothing duplicated by the rerun
+    first = MlflowClient(smoke_sweep.uri).get_run(smoke_sweep.first_run_id)
+    assert first.info.start_time == smoke_sweep.first_start_time and first.info.status == "FINISHED"
+    after = histories(smoke_sweep.uri, smoke_sweep.first_run_id)
+    assert after == smoke_sweep.first_history  # not trained again, nothing logged twice
+    assert [s for s, _ in after["val_err"]] == [0]
+    # The trial that had not finished did so in the rerun, once.
+    other = next(r for r in children if r.info.run_id != smoke_sweep.first_run_id)
+    assert other.info.status == "FINISHED"
+    assert [s for s, _ in histories(smoke_sweep.uri, other.info.run_id)["train_err"]] == [0]
