@@ -5,6 +5,7 @@ Sections follow the data: setup -> data -> network -> optimiser -> restore -> ep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
@@ -25,6 +26,10 @@ from raysnet.train.schedule import base_lr, lr_factor
 
 CHECKPOINT_FILE = "checkpoint.pt"
 NONFINITE_NOTE = "nonfinite.json"
+# Steps at the start of an epoch left out of `images_per_sec` when they are warm-up, not
+# training speed: torch.compile's first steps (and its recompile for a new input size), DDP's
+# static-graph recording step, cuDNN autotuning of a new size (issue 7).
+WARMUP_STEPS = 5
 
 
 def _note_path(cfg: Config, name: str):
@@ -110,7 +115,10 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+             flip: bool = False) -> dict[str, float]:
+    """Validation error and loss. `flip`: average the logits of each image and its mirror image
+    (test-time augmentation, data.val_flip; the loss is that of the averaged logits)."""
     if dist.is_available() and dist.is_initialized():
         # Every rank evaluates rank 0's BN statistics (each rank's last training forward moved its own).
         for buffer in model.buffers():
@@ -119,18 +127,48 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     stats = EpochStats(device)
     for step, (images, labels) in enumerate(loader):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images)
+            logits = model(images)  # (N, classes)
+            if flip:
+                logits = (logits + model(images.flip(3))) / 2  # dim 3: width, in NCHW (also channels_last)
             loss = F.cross_entropy(logits, labels)
         stats.add(loss, logits.float(), labels, step)
     return stats.reduce()
 
 
+def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """One group with the recipe's weight decay; with optim.wd_bn_bias=false, a second group of
+    BN weights and biases and every bias (the 1-d tensors) without it (FFCV's ImageNet recipe)."""
+    if cfg.optim.wd_bn_bias:
+        return [{"params": list(model.parameters())}]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1]},  # conv and fc weights
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    # Paper §3.4: SGD, momentum 0.9, weight decay 1e-4 on every parameter. Fused kernels on GPU.
+    # Paper §3.4: SGD, momentum 0.9, weight decay 1e-4 on every parameter. Fused kernels on GPU
+    # (one kernel for the whole update), multi-tensor (foreach) kernels on CPU.
     fused = device.type == "cuda"
-    return torch.optim.SGD(model.parameters(), lr=base_lr(cfg), momentum=cfg.optim.momentum,
+    return torch.optim.SGD(param_groups(model, cfg), lr=base_lr(cfg), momentum=cfg.optim.momentum,
                            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
                            fused=fused or None, foreach=None if fused else True)
+
+
+def ddp_kwargs(cfg: Config) -> dict[str, Any]:
+    """DistributedDataParallel's arguments, via Ray's prepare_model(parallel_strategy_kwargs=...)."""
+    # gradient_as_bucket_view saves a copy of every gradient; ResNets have no unused parameters,
+    # and the same graph every step, so DDP may record it once (static_graph, run.ddp_static_graph).
+    return {"gradient_as_bucket_view": True, "static_graph": cfg.run.ddp_static_graph}
+
+
+def warmup_steps(cfg: Config, *, first: bool, resized: bool, steps: int) -> int:
+    """How many steps at the start of an epoch `images_per_sec` leaves out: WARMUP_STEPS in the
+    first epoch of a process with a compiled model (torch.compile compiles on its first steps) and
+    in an epoch whose input size is new (a recompile, cuDNN autotuning); else 0. An epoch of
+    2 * WARMUP_STEPS steps or fewer (smoke tests) is timed whole."""
+    if steps <= 2 * WARMUP_STEPS:
+        return 0
+    return WARMUP_STEPS if (cfg.model.compile and first) or resized else 0
 
 
 @dataclass
@@ -173,6 +211,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from raysnet.data import make_loaders, set_epoch
+    from raysnet.data.loaders import set_train_resolution, train_resolution
     from raysnet.train.tracking import Tracker
 
     # --- setup
@@ -189,7 +228,12 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = autocast_dtype(cfg.run.precision, device)
 
     # --- data: each worker gets its shard of the global batch
-    train_loader, val_loader = make_loaders(cfg.data, meta, cfg.batch_size // world, device=device,
+    data = cfg.data
+    if device.type == "cpu":
+        # FFCV sets torch's (process-wide) thread count to its decoding threads, so on a CPU the two
+        # are one knob: size it to the CPUs Ray gave this worker, or workers oversubscribe the cores.
+        data = dataclasses.replace(data, loader_workers=cfg.run.cpus_per_worker)
+    train_loader, val_loader = make_loaders(data, meta, cfg.batch_size // world, device=device,
                                             seed=cfg.run.seed, distributed=world > 1,
                                             channels_last=cfg.model.channels_last)
     steps = len(train_loader) if cfg.run.max_steps is None else min(cfg.run.max_steps, len(train_loader))
@@ -200,8 +244,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw = model
-    # gradient_as_bucket_view saves a copy of every gradient; ResNets have no unused parameters.
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs(cfg))
     if cfg.model.compile:
         model = torch.compile(model)
 
@@ -224,15 +267,26 @@ def train_loop(config: dict[str, Any]) -> None:
     for epoch in range(state.epoch, cfg.epochs):
         start = time.perf_counter()
         set_epoch(train_loader, epoch)
+        # Progressive resizing (data.res_start/res_end): this epoch's training crop.
+        resized = bool(cfg.data.res_start and cfg.data.res_end) and \
+            set_train_resolution(train_loader, train_resolution(cfg.data, epoch, cfg.epochs))
+        warm = warmup_steps(cfg, first=epoch == state.epoch, resized=resized, steps=steps)
         model.train()
         stats = EpochStats(device)
         lr = optimizer.param_groups[0]["lr"]
+        timed_start, done = time.perf_counter(), 0
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps:
                 break
+            if warm and step == warm:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # once an epoch: the warm-up steps must be finished
+                timed_start = time.perf_counter()
             train_step(model, images, labels, optimizer, scheduler, stats, step, dtype, cfg.optim.label_smoothing)
+            done += 1
         train = stats.reduce()
-        train_time = time.perf_counter() - start
+        train_time = time.perf_counter() - timed_start
+        timed_images = train["n"] * (done - warm) / max(done, 1)  # every step has the same batch (drop_last)
         if train["bad_step"] >= 0:
             # Stop every worker the same way: no retry (it would diverge again), no checkpoint (the
             # last good one stays). Ray's result only carries checkpointed metrics, so rank 0
@@ -242,11 +296,12 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, "nonfinite_step": train["bad_step"]})
             return
         last = epoch == cfg.epochs - 1
-        val = evaluate(raw, val_loader, device, dtype) if last or (epoch + 1) % cfg.run.eval_every == 0 else {}
+        val = evaluate(raw, val_loader, device, dtype, flip=cfg.data.val_flip) \
+            if last or (epoch + 1) % cfg.run.eval_every == 0 else {}
         metrics = {"epoch": epoch, "train_loss": train["loss"], "train_err": train["err"],
                    "val_loss": val.get("loss", float("nan")), "val_err": val.get("err", float("nan")),
                    "val_err_top5": val.get("err_top5", float("nan")), "lr": lr,
-                   "images_per_sec": train["n"] / train_time, "epoch_time_s": time.perf_counter() - start}
+                   "images_per_sec": timed_images / train_time, "epoch_time_s": time.perf_counter() - start}
         state.history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
