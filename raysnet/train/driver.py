@@ -115,9 +115,24 @@ def gpus_per_worker(cfg: Config) -> int:
     return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 
+def _epoch_printer(epochs: int):
+    """A Ray Train callback (it runs in the controller) that prints one line per epoch."""
+    from ray.train import UserCallback
+
+    class EpochPrinter(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0]
+            if "train_err" in m:
+                print(f"epoch {m['epoch'] + 1}/{epochs}: train_err {m['train_err']:.2f}%  val_err "
+                      f"{m['val_err']:.2f}%  lr {m['lr']:.4g}  {m['images_per_sec']:.0f} images/s  "
+                      f"{m['epoch_time_s']:.1f} s", flush=True)
+
+    return EpochPrinter()
+
+
 def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: int, callbacks: list | None = None):
     """The `TorchTrainer` of one run: also what each Tune trial launches."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
@@ -125,7 +140,10 @@ def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: int, callbacks: lis
         _train_loop,
         train_loop_config={"config": dataclasses.asdict(cfg), "meta": meta, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage, callbacks=callbacks,
+        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
+                             callbacks=[_epoch_printer(cfg.epochs), *(callbacks or [])],
+                             # Ray Train's INFO lines per report would drown the epoch lines.
+                             logging_config=LoggingConfig(log_level="WARNING"),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )

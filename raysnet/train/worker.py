@@ -204,6 +204,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, device: 
     return State(epoch=ckpt["epoch"] + 1, history=ckpt["history"])
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO through a logger named after its file, which its
+    LoggingConfig does not reach; the driver prints one line per epoch instead."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`. `config` = {"config": resolved Config dict, "meta": dataset
     metadata, "run_id": MLflow run id}."""
@@ -215,6 +225,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from raysnet.train.tracking import Tracker
 
     # --- setup
+    _quiet_ray_train_reports()
     cfg = from_dict(config["config"])
     meta, run_id = config["meta"], config["run_id"]
     ctx = ray.train.get_context()
