@@ -128,9 +128,9 @@ def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} | \
         {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"sweep/smoke.yaml", "summary/summary.md", "summary/summary.json"} <= artifacts
-    best = min(children, key=lambda r: r.data.metrics["val_err"])
-    assert parent.data.tags["best.run_name"] == best.info.run_name
-    assert parent.data.metrics["best.val_err"] == pytest.approx(best.data.metrics["val_err"])
+    best = min(r.data.metrics["val_err"] for r in children)  # two nets barely trained may tie
+    assert parent.data.metrics["best.val_err"] == pytest.approx(best)
+    assert parent.data.tags["best.run_name"] in {r.info.run_name for r in children if r.data.metrics["val_err"] == best}
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(smoke_sweep):
