@@ -41,6 +41,16 @@ class DataConfig:
     colour: bool = False  # AlexNet-style colour (brightness/contrast/saturation) augmentation
     loader_workers: int = 2  # FFCV decoding threads per Ray worker
     os_cache: bool = True  # let the OS page cache hold the .beton (small datasets); False: FFCV's QUASI_RANDOM
+    # Progressive resizing (issue 7, FFCV's ImageNet recipe; train_aug=rrc only): the training crop
+    # grows from res_start to res_end px, in steps of 32 px, between the fractions res_start_epoch
+    # and res_end_epoch of the run (counted at each epoch's end; see data.loaders.train_resolution).
+    # 0: off, every epoch trains at `crop`, which is always the size validation sees.
+    res_start: int = 0
+    res_end: int = 0
+    res_start_epoch: float = 0.75
+    res_end_epoch: float = 0.875
+    # Test-time flip: validation averages the logits of each image and of its mirror image.
+    val_flip: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ class OptimConfig:
     warmup: Literal["constant", "linear"] = "constant"
     scale_lr: bool = False  # the linear scaling rule: lr * batch_size / ref_batch_size
     ref_batch_size: int = 128
+    # Weight decay on BN weights and biases too (the paper: "weight decay 0.0001" on everything).
+    # False: two parameter groups, decay only on conv and fc weights (FFCV's ImageNet recipe).
+    wd_bn_bias: bool = True
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     eval_every: int = 1  # validate every N epochs (and always on the last)
     max_steps: Optional[int] = None  # stop each epoch after N steps (smoke tests)
+    # DDP static_graph: the ResNets use every parameter in every step, so DDP may record the
+    # graph once and skip re-tracing which gradients are ready (issue 7).
+    ddp_static_graph: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ the order an uninterrupted run would have seen.
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,10 @@ def _constant_size(meta: dict[str, Any], split: str) -> bool:
 
 def train_decoder_and_augment(data: DataConfig, meta: dict[str, Any]) -> list[Operation]:
     """The training image pipeline up to normalisation: uint8 crop x crop x 3 images."""
+    if (data.res_start or data.res_end) and data.train_aug != "rrc":
+        raise UsageError(f"progressive resizing (data.res_start={data.res_start}, data.res_end={data.res_end}) "
+                         f"resizes FFCV's random-resized crop; it needs data.train_aug=rrc, not "
+                         f"{data.train_aug}. Set data.res_start=0 data.res_end=0 to train at data.crop.")
     if data.train_aug == "cifar":
         if not _constant_size(meta, "train"):
             raise UsageError(f"data.train_aug=cifar needs training images of one size, but '{dataset_dir(data)}' "
@@ -50,7 +55,10 @@ def train_decoder_and_augment(data: DataConfig, meta: dict[str, Any]) -> list[Op
         # Paper §3.4: shorter side in [256, 480], random 224x224 crop, flip, colour.
         ops = [ScaleCropRGBImageDecoder(data.crop, tuple(data.scale_range))]
     else:  # "rrc": FFCV's ImageNet decode (Inception-style random-resized crop)
-        ops = [RandomResizedCropRGBImageDecoder((data.crop, data.crop))]
+        # With progressive resizing the worker resizes this decoder's output every epoch
+        # (`set_train_resolution`); it starts at res_start.
+        size = data.res_start or data.crop
+        ops = [RandomResizedCropRGBImageDecoder((size, size))]
     if data.flip:
         ops.append(RandomFlip())
     if data.colour:
@@ -151,6 +159,50 @@ def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, dev
         raise UsageError(f"batch_size {batch_size} per worker is larger than this worker's share of the "
                          f"{meta['splits']['train']['samples']} training samples in '{root}'; lower batch_size.")
     return train, val
+
+
+# Progressive resizing moves in whole steps of this many pixels: FFCV's ImageNet recipe rounds
+# to multiples of 32, so a 160 -> 192 ramp is one switch. Fewer distinct input shapes mean fewer
+# cuDNN autotuning rounds and torch.compile recompilations.
+RES_STEP = 32
+
+
+def train_resolution(data: DataConfig, epoch: int, epochs: int) -> int:
+    """The training crop (px) of 0-based `epoch` of `epochs`: `data.crop` unless progressive resizing.
+
+    Progress is counted at the end of the epoch, (epoch + 1) / epochs: res_start up to progress
+    res_start_epoch, res_end from res_end_epoch, linear in between, rounded (half up) to whole
+    RES_STEP steps from res_start. With 0.75 and 0.875 this is FFCV's ResNet-50 ramp for every
+    preset (its configs start at 0.75 E - 1 and end at 0.875 E - 1, in 0-based epochs).
+    """
+    if not data.res_start or not data.res_end:
+        return data.crop
+    done, start, end = epoch + 1, data.res_start_epoch * epochs, data.res_end_epoch * epochs
+    if done <= start:
+        return data.res_start
+    if done >= end:
+        return data.res_end
+    grow = (data.res_end - data.res_start) * (done - start) / (end - start)
+    return data.res_start + math.floor(grow / RES_STEP + 0.5) * RES_STEP
+
+
+def set_train_resolution(loader: Loader, size: int) -> bool:
+    """Make the training loader's random-resized crop emit `size` x `size` images from its next epoch.
+
+    FFCV sizes its buffers from each operation's declared output when code is generated, so a new
+    size regenerates the pipeline (numba compiles it again: do this only when the size changes).
+    -> True when the size changed.
+    """
+    spec = loader.pipeline_specs["image"]  # FFCV moves the pipeline's first op into spec.decoder
+    decoders = [op for op in (spec.decoder, *spec.transforms) if isinstance(op, RandomResizedCropRGBImageDecoder)]
+    if not decoders:
+        raise UsageError("progressive resizing needs the random-resized crop decoder (data.train_aug=rrc).")
+    decoder = decoders[0]
+    if tuple(decoder.output_size) == (size, size):
+        return False
+    decoder.output_size = (size, size)
+    loader.generate_code()
+    return True
 
 
 def set_epoch(loader: Loader, epoch: int) -> None:
