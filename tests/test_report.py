@@ -86,12 +86,10 @@ def test_report_of_the_smoke_sweep(smoke_sweep, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     # Table 6 holds each run's final numbers as MLflow has them, and the paper's in the right row.
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(smoke_sweep.uri)
-    try:
+    from raysnet.train.tracking import fluent_uri
+
+    with fluent_uri(smoke_sweep.uri):
         runs = mlflow.search_runs(experiment_names=[smoke_sweep.experiment])
-    finally:
-        mlflow.set_tracking_uri(previous)
     runs = runs[runs["tags.mlflow.parentRunId"].notna()]  # the trials, not the sweep's parent
     assert len(runs) == 2
     cells = table_cells((out / "report.md").read_text(), "Table 6")

@@ -5,6 +5,7 @@ The driver opens and closes the run; rank 0 logs the per-epoch metrics (MLflow s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -144,6 +145,25 @@ class Tracker:
             warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); will retry next epoch.", stacklevel=2)
 
 
+@contextlib.contextmanager
+def fluent_uri(uri: str):
+    """Point MLflow's fluent API (mlflow.start_run, log_model) at `uri` for a while.
+    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI for the whole process, which would
+    send every later run in this process to this store: both are put back."""
+    import mlflow
+
+    env, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, example=None) -> None:
     """Artifacts at the end: the last checkpoint and the model in MLflow's format."""
     import mlflow
@@ -155,8 +175,7 @@ def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, exam
     if model is not None and cfg.tracking.log_model:
         import torch
 
-        mlflow.set_tracking_uri(cfg.tracking.uri)
-        with mlflow.start_run(run_id=run_id):
+        with fluent_uri(cfg.tracking.uri), mlflow.start_run(run_id=run_id):
             # Explicit requirements: MLflow's inference imports the world and takes minutes.
             mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
