@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +214,16 @@ def test_throughput_benchmark_runs_on_the_cpu():
     assert result["arch"] == "resnet20" and result["data"] == "synthetic" and result["images_per_sec"] > 0
     assert result["gflops_per_image"] == pytest.approx(0.24, rel=0.1)  # ResNet-20: ~41M MACs forward, x3
     assert result["mfu"] is None  # no peak for a CPU unless --peak-tflops
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / ".gpudata").is_dir(), reason="needs the bundle of benchmarks/gpu_bundle.sh")
+def test_gpu_check_script_quick_run(tmp_path):
+    """benchmarks/gpu_check.sh with QUICK=1: every step, tiny, on this machine's Python."""
+    env = {**os.environ, "PY": sys.executable, "QUICK": "1", "OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work")}
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert out.returncode == 0, out.stdout[-3000:]
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert log.count('"images_per_sec"') == 4 and "0 step(s) failed" in log
