@@ -11,4 +11,5 @@ if command -v apt-get >/dev/null && ! pkg-config --exists libturbojpeg opencv4 2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pkg-config libturbojpeg0-dev libopencv-dev >/dev/null
 fi
 
-python -m pip install -q -e ".${1:+[$1]}"
+python=$(command -v python || command -v python3)
+"$python" -m pip install -q -e ".${1:+[$1]}"

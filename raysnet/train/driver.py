@@ -22,7 +22,7 @@ from raysnet.train import tracking  # noqa: E402
 CONFIG_FILE = "raysnet-config.yaml"
 # Keys a resumed run may change: they alter how it runs, not what it computes.
 RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run.cpus_per_worker",
-                  "data.loader_workers", "tracking.log_model", "model.compile"}
+                  "data.loader_workers", "tracking.log_model", "model.compile", "run.ddp_static_graph"}
 
 
 def finalize(cfg: Config) -> Config:
