@@ -87,6 +87,8 @@ def test_own_dataset_yaml_with_unknown_key_is_an_error(tmp_path):
     ("run.gpus_per_worker", "1", 1),
     ("run.gpus_per_worker", "null", None),
     ("run.name", "my-run", "my-run"),
+    ("run.name", "007", "007"),  # text keys keep the text: YAML would make this the number 7
+    ("run.name", "true", "true"),
     ("tracking.uri", "http://mlflow.example:5000", "http://mlflow.example:5000"),
     ("tracking.uri", "sqlite:///outputs/mlflow.db", "sqlite:///outputs/mlflow.db"),
     ("model.shortcut", "C", "C"),

@@ -49,6 +49,17 @@ def _valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _text_keys(node: Any = Config, prefix: str = "") -> set[str]:
+    """Dotted keys whose type is plain `str` (annotations are strings under `from __future__`)."""
+    keys = set()
+    for f in dataclasses.fields(node):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            keys |= _text_keys(f.default_factory, f"{prefix}{f.name}.")
+        elif f.type in ("str", str):
+            keys.add(prefix + f.name)
+    return keys
+
+
 def _unknown_key(key: str) -> ConfigError:
     valid = _valid_keys()
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -136,8 +147,14 @@ def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
 def load_config(args: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- recipe (and its bases) <- dataset recipe <- key=value overrides."""
     groups, overrides = _split(list(args))
+    # Text keys take the value as typed: YAML would read run.name=007 as the number 7.
+    text = _text_keys()
     try:
-        cli = OmegaConf.from_dotlist(overrides)
+        cli = OmegaConf.from_dotlist([a for a in overrides if a.partition("=")[0] not in text])
+        for arg in overrides:
+            key, _, value = arg.partition("=")
+            if key in text:
+                OmegaConf.update(cli, key, value, force_add=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot read overrides {overrides}: {e.msg}") from None
 
