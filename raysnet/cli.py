@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import sys
 import textwrap
+import typing
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -56,7 +57,9 @@ def parse_args(schema: type[T], args: list[str] | tuple[str, ...], tool: str) ->
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown key '{e.full_key}' for {tool}.{hint} Valid keys: {', '.join(keys)}.") from None
     except MissingMandatoryValue as e:
-        raise ConfigError(f"missing key '{e.full_key}' for {tool}: give it as {e.full_key}=VALUE.") from None
+        choices = typing.get_args(typing.get_type_hints(schema).get(str(e.full_key)))
+        value = "|".join(map(str, choices)) if choices else "VALUE"
+        raise ConfigError(f"missing key '{e.full_key}' for {tool}: give it as {e.full_key}={value}.") from None
     except ValidationError as e:
         raise ConfigError(f"bad value for '{e.full_key}' ({tool}): {e.msg.splitlines()[0]}.") from None
     except OmegaConfBaseException as e:

@@ -15,15 +15,14 @@ rest raw) or `raw` trade disk for decoding time, as in FFCV's ImageNet example.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf import MISSING
 
+from raysnet import cli
 from raysnet.cli import UsageError
 from raysnet.config import ConfigError, DataConfig, data_root
 from raysnet.data import sources
@@ -54,30 +53,8 @@ class PrepareConfig:
     progress: bool = True
 
 
-def _keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(PrepareConfig)]
-
-
 def parse_args(args: list[str] | tuple[str, ...]) -> PrepareConfig:
-    for arg in args:
-        if "=" not in arg or arg.startswith("="):
-            raise ConfigError(f"cannot read argument '{arg}': arguments are key=value, e.g. source=cifar10 "
-                              f"or out=/data/cifar10. Keys: {', '.join(_keys())}.")
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.from_dotlist(list(args)))
-        cfg: PrepareConfig = OmegaConf.to_object(node)
-    except ConfigKeyError as e:
-        close = difflib.get_close_matches(str(e.full_key), _keys(), n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown key '{e.full_key}' for raysnet.prepare.{hint} "
-                          f"Valid keys: {', '.join(_keys())}.") from None
-    except MissingMandatoryValue:
-        raise ConfigError(f"missing key 'source': say what to prepare, source={'|'.join(SOURCES)} "
-                          "(e.g. python -m raysnet.prepare source=digits).") from None
-    except ValidationError as e:
-        raise ConfigError(f"bad value for '{e.full_key}': {e.msg.splitlines()[0]}.") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read arguments {list(args)}: {e.msg}") from None
+    cfg = cli.parse_args(PrepareConfig, args, "raysnet.prepare")
     _validate(cfg)
     return cfg
 
