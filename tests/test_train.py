@@ -38,6 +38,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(url: str, seconds: float) -> None:
+    """Poll a local server we started until it answers (or the time is up; the test then fails on use)."""
+    import requests
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+
+
 def history(uri: str, run_name: str, experiment: str = "raysnet-digits") -> dict[str, list]:
     """metric -> [(step, value)] of the one MLflow run named `run_name`."""
     from mlflow import MlflowClient
@@ -97,14 +111,7 @@ def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         uri = f"http://127.0.0.1:{port}"
-        import requests
-
-        for _ in range(120):
-            try:
-                if requests.get(uri + "/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
+        wait_until_up(uri + "/health", 60)
         cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=srv",
                            "epochs=2", f"tracking.uri={uri}"])
         assert train(cfg) == 0
@@ -213,14 +220,7 @@ def test_ray_job_submit(tmp_path, digits_root):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
-        import requests
-
-        for _ in range(240):
-            try:
-                if requests.get(address + "/api/version", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
+        wait_until_up(address + "/api/version", 120)
         for _ in range(30):  # the dashboard answers before its job agent is up
             out = subprocess.run(
                 ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
