@@ -26,8 +26,11 @@ class DataConfig:
     # Dataset directory with train.beton, val.beton, meta.json (see `python -m raysnet.prepare`).
     # Empty: $RAYSNET_DATA/<name>, or ~/.cache/raysnet/data/<name>.
     root: str = ""
-    # Prepare this source into `root` on first use (only the embedded `digits` needs no download).
+    # Prepare the dataset into `root` on first use: the embedded `digits`, or else `source`.
     auto_prepare: bool = False
+    # With auto_prepare: an ImageFolder tree or a .tar/.tar.gz of one (relative to the working
+    # directory), prepared as `python -m raysnet.prepare source=imagefolder root=SOURCE` would.
+    source: str = ""
     # "cifar": pad + random crop + flip (paper §4.2); "scale": shorter side in scale_range,
     # random crop, flip, colour (paper §3.4); "rrc": FFCV's RandomResizedCrop decode.
     train_aug: Literal["cifar", "scale", "rrc"] = "cifar"

@@ -30,6 +30,8 @@ def prepare_command(data: DataConfig) -> str:
     out = dataset_dir(data)
     if data.name in ("digits", "cifar10"):
         return f"python -m raysnet.prepare source={data.name} out={out}"
+    if data.source:
+        return f"python -m raysnet.prepare source=imagefolder root={data.source} out={out}"
     return f"python -m raysnet.prepare source=imagefolder root=/path/to/images out={out}"
 
 
@@ -122,18 +124,28 @@ def check_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str,
 
 
 def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str, Any]:
-    """`check_dataset`, after preparing the embedded digits on first use when `data.auto_prepare`.
+    """`check_dataset`, after preparing it on first use when `data.auto_prepare`: the embedded
+    digits, or the ImageFolder tree or archive named by `data.source`.
 
-    Only digits can be made without a download or a user's files; anything else that is
-    missing is an error that gives the command to create it.
+    Anything else that is missing is an error that gives the command to create it.
     """
     root = dataset_dir(data)
-    if out_is_free(root) and data.auto_prepare and data.name == "digits":
+    if out_is_free(root) and data.auto_prepare and (data.name == "digits" or data.source):
         from raysnet.data.prepare import PrepareConfig, prepare
 
-        print(f"raysnet: preparing the embedded digits dataset into {root} (first use)", flush=True)
+        if data.name == "digits":
+            what, cfg = "the embedded digits dataset", PrepareConfig(source="digits", out=str(root), progress=False)
+        else:
+            source = Path(data.source).expanduser()
+            if not source.exists():
+                raise UsageError(f"data.source '{data.source}' (for data={data.name}) does not exist (resolved "
+                                 f"from {Path.cwd()}); expected an ImageFolder tree or a .tar.gz of one. Point "
+                                 f"data.source at it, or prepare the dataset yourself into {root}.")
+            what, cfg = f"'{source}'", PrepareConfig(source="imagefolder", root=str(source), out=str(root),
+                                                    progress=False)
+        print(f"raysnet: preparing {what} into {root} (first use)", flush=True)
         try:
-            prepare(PrepareConfig(source="digits", out=str(root), progress=False))
+            prepare(cfg)
         except UsageError:
             if out_is_free(root):  # not another process finishing first: a real failure
                 raise

@@ -3,9 +3,11 @@
     python -m raysnet.prepare source=digits                       # into $RAYSNET_DATA/digits
     python -m raysnet.prepare source=cifar10 root=~/downloads out=/data/cifar10
     python -m raysnet.prepare source=imagefolder root=/data/imagenet-raw out=/data/imagenet workers=32
+    python -m raysnet.prepare source=imagefolder root=../shared/data/cifar10-jpg.tar.gz out=/data/cifar10-jpg
 
 Storage follows FFCV practice. CIFAR and digits are stored raw (32x32: decoding costs more than
-reading). ImageFolder images are stored as JPEG (quality 90) with the longer side at most 512 px:
+reading), and so are ImageFolder trees whose images are all tiny (longer side at most 64 px, as
+CIFAR-10 saved as JPEG files). Other ImageFolder images are stored as JPEG (quality 90) with the longer side at most 512 px:
 ImageNet's photographs are mostly about 500x375, so 512 keeps nearly all of them untouched while
 capping the few large ones, and the scale augmentation (shorter side up to 480, paper §3.4) reads
 from close to full resolution. `storage=proportion` (a `compress_probability` share as JPEG, the
@@ -14,8 +16,12 @@ rest raw) or `raw` trade disk for decoding time, as in FFCV's ImageNet example.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tarfile
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -37,7 +43,8 @@ class PrepareConfig:
     source: Literal["imagefolder", "cifar10", "digits"] = MISSING
     # The dataset directory to create. Empty: where training looks by default ($RAYSNET_DATA/<source>).
     out: str = ""
-    # imagefolder: the tree with train/<class>/ and val/<class>/ (or test/). cifar10: the
+    # imagefolder: the tree with train/<class>/ and val/<class>/ (or test/), or a .tar/.tar.gz
+    # archive of it (the tree at its top or one folder down; unpacked to a temporary directory). cifar10: the
     # directory holding cifar-10-batches-py (empty: $RAYSNET_DATA/downloads). digits: unused.
     root: str = ""
     overwrite: bool = False  # replace an existing, non-empty `out`
@@ -78,16 +85,35 @@ def default_out(source: str) -> Path:
     return Path(data_root(DataConfig(name=source)))
 
 
-def load_source(cfg: PrepareConfig) -> sources.Source:
+@contextlib.contextmanager
+def imagefolder_root(root: Path) -> Iterator[Path]:
+    """The ImageFolder tree at `root`: the directory itself, or an archive unpacked for the duration."""
+    if root.is_dir():
+        yield root
+        return
+    if not root.exists():
+        raise UsageError(f"ImageFolder root '{root}' does not exist.")
+    if not (root.is_file() and tarfile.is_tarfile(root)):
+        raise UsageError(f"ImageFolder root '{root}' is neither a directory nor a .tar/.tar.gz archive of one.")
+    with tempfile.TemporaryDirectory(prefix="raysnet-unpack-") as tmp:
+        with tarfile.open(root) as archive:
+            archive.extractall(tmp, filter="data")  # "data": no absolute paths, links or devices out of tmp
+        top = [p for p in Path(tmp).iterdir() if not p.name.startswith(".")]
+        tree = top[0] if len(top) == 1 and top[0].is_dir() and not (Path(tmp) / "train").is_dir() else Path(tmp)
+        if not (tree / "train").is_dir():
+            raise UsageError(f"archive '{root}' holds no ImageFolder tree: expected train/<class>/ at its top or "
+                             "inside its single top-level folder.")
+        yield tree
+
+
+def load_source(cfg: PrepareConfig, root: Path | None = None) -> sources.Source:
     if cfg.source == "digits":
         return sources.digits()
     if cfg.source == "cifar10":
         root = Path(cfg.root).expanduser() if cfg.root else default_out("downloads")
         return sources.cifar10(root, cfg.download)
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise UsageError(f"ImageFolder root '{root}' is not a directory.")
-    return sources.imagefolder(root, cfg.workers, cfg.max_resolution or None, cfg.progress)
+    return sources.imagefolder(root or Path(cfg.root).expanduser(), cfg.workers, cfg.max_resolution or None,
+                               cfg.progress)
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
@@ -96,11 +122,15 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if not out_is_free(out) and not cfg.overwrite:  # say so before minutes of reading the source
         raise UsageError(f"output directory '{out}' already exists and is not empty; nothing was changed. Pass "
                          "overwrite=true to replace it, or choose another out=DIR.")
-    source = load_source(cfg)
-    storage = source.storage if cfg.storage == "auto" else cfg.storage
-    settings = WriteSettings(storage, cfg.max_resolution or None, cfg.jpeg_quality, cfg.compress_probability,
-                             cfg.smart_threshold, cfg.workers, cfg.progress)
-    return write_dataset(source, out, settings, overwrite=cfg.overwrite)
+    given = Path(cfg.root).expanduser()
+    with imagefolder_root(given) if cfg.source == "imagefolder" else contextlib.nullcontext() as tree:
+        source = load_source(cfg, tree)
+        if tree is not None and tree != given:
+            source.info["archive"] = str(given.resolve())
+        storage = source.storage if cfg.storage == "auto" else cfg.storage
+        settings = WriteSettings(storage, cfg.max_resolution or None, cfg.jpeg_quality, cfg.compress_probability,
+                                 cfg.smart_threshold, cfg.workers, cfg.progress)
+        return write_dataset(source, out, settings, overwrite=cfg.overwrite)
 
 
 def summary(meta: dict[str, Any], out: Path | str) -> str:

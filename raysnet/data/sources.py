@@ -23,6 +23,9 @@ from raysnet.cli import UsageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 DIGITS_VAL_FRACTION = 0.2  # 1,797 digits -> 1,437 train / 360 val, stratified
 DIGITS_SEED = 0  # fixed: every machine prepares the same split
+# ImageFolder trees whose images all fit in this many pixels a side are stored raw, as CIFAR is:
+# for such tiny images decoding costs more than reading.
+TINY_SIDE = 64
 DIGITS_SIZE = 32  # upscaled so the CIFAR nets (32x32 input, paper §4.2) run unchanged
 
 
@@ -309,4 +312,6 @@ def imagefolder(root: Path, workers: int, max_resolution: int | None, progress: 
     mean = sums / pixels
     std = np.sqrt(np.maximum(squares / pixels - mean**2, 0.0))
     return Source("imagefolder", classes, splits, mean.tolist(), std.tolist(),
-                  {"kind": "imagefolder", "root": str(root.resolve()), "val": val_name}, skipped, storage="jpeg")
+                  {"kind": "imagefolder", "root": str(root.resolve()), "val": val_name}, skipped,
+                  storage="raw" if all(max(s.heights.max(), s.widths.max()) <= TINY_SIDE for s in splits.values())
+                  else "jpeg")
