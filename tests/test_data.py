@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,65 @@ def test_max_resolution_and_jpeg_storage(tmp_path):
     assert (int(stored["width"]), int(stored["height"]), int(stored["mode"])) == (100, 50, 0)  # 0: jpg
     assert meta["source"]["val"] == "test" and meta["write"]["storage"] == "jpeg"
     assert meta["splits"]["train"]["image_size"]["width"]["max"] == 300  # the source's size
+
+
+def tar_of(tree: Path, archive: Path, under: str = "") -> Path:
+    import tarfile
+
+    with tarfile.open(archive, "w:gz") as tar:
+        for p in sorted(tree.rglob("*")):
+            tar.add(p, arcname=str(Path(under) / p.relative_to(tree)), recursive=False)
+    return archive
+
+
+@pytest.mark.parametrize("under", ["", "cifar10"])
+def test_imagefolder_archive_prepares_like_its_tree(tmp_path, under):
+    """A .tar.gz of an ImageFolder tree (at its top or one folder down, as ../shared's CIFAR-10
+    JPEGs are) gives the same dataset as the tree; tiny images are stored raw; nothing is left
+    unpacked afterwards."""
+    src = tmp_path / "src"
+    for split, n in (("train", 3), ("test", 2)):
+        for c in ("a", "b"):
+            (src / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((32, 32, 3), 40 * i + (c == "b") * 100, np.uint8)).save(src / split / c / f"{i}.jpg")
+    archive = tar_of(src, tmp_path / "imgs.tar.gz", under)
+    before = set(Path(tempfile.gettempdir()).glob("raysnet-unpack-*"))
+    from_tree = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={tmp_path / 'tree'}", "progress=false"]))
+    from_tar = prepare(parse_args(["source=imagefolder", f"root={archive}", f"out={tmp_path / 'tar'}",
+                                   "progress=false"]))
+    assert set(Path(tempfile.gettempdir()).glob("raysnet-unpack-*")) == before
+    assert from_tar["write"]["storage"] == from_tree["write"]["storage"] == "raw"  # 32 px: tiny
+    assert from_tar["source"]["archive"] == str(archive.resolve())
+    for key in ("classes", "mean", "std"):
+        assert from_tar[key] == from_tree[key]
+    for split in ("train", "val"):
+        tree_images, tar_images = (stored_raw_images(tmp_path / d / f"{split}.beton") for d in ("tree", "tar"))
+        assert len(tar_images) == len(tree_images) == {"train": 6, "val": 4}[split]
+        assert all(np.array_equal(a, b) for a, b in zip(tar_images, tree_images))
+
+
+def test_data_source_prepares_on_first_use(tmp_path, monkeypatch, capsys):
+    """data.source + auto_prepare: the driver prepares the archive once, then reads it as is; a
+    missing source is one paragraph naming the key and the path."""
+    src = tmp_path / "src"
+    make_imagefolder(src)
+    tar_of(src, tmp_path / "mine.tar.gz", "mine")
+    monkeypatch.chdir(tmp_path)  # data.source is relative to the working directory
+    data = DataConfig(name="mine", root=str(tmp_path / "ds"), auto_prepare=True, source="mine.tar.gz")
+    meta = ensure_dataset(data)
+    assert meta["splits"]["train"]["samples"] == 12 and meta["write"]["storage"] == "jpeg"  # up to 69 px
+    written = (tmp_path / "ds" / "train.beton").stat().st_mtime_ns
+    assert ensure_dataset(data)["classes"] == ["cat", "dog", "eel"]
+    assert (tmp_path / "ds" / "train.beton").stat().st_mtime_ns == written
+    missing = DataConfig(name="gone", root=str(tmp_path / "gone"), auto_prepare=True, source="gone.tar.gz")
+    with pytest.raises(UsageError, match="data.source 'gone.tar.gz' .* does not exist"):
+        ensure_dataset(missing)
+    assert not (tmp_path / "gone").exists()
+    (tmp_path / "notar.tar.gz").write_bytes(b"not an archive")
+    msg = one_paragraph_exit(capsys, ["source=imagefolder", f"root={tmp_path / 'notar.tar.gz'}",
+                                      f"out={tmp_path / 'o'}"])
+    assert "neither a directory nor a .tar/.tar.gz archive" in msg and not (tmp_path / "o").exists()
 
 
 # --- failures: skipped files, existing output, interrupted writes, bad input ------------------
