@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def wait_until_up(url: str, seconds: float) -> None:
-    """Poll a local server we started until it answers (or the time is up; the test then fails on use)."""
+    """Poll a local server we started until it answers; fail saying so when the time is up."""
     import requests
 
     deadline = time.time() + seconds
@@ -50,6 +50,8 @@ def wait_until_up(url: str, seconds: float) -> None:
         except requests.RequestException:
             pass
         time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds:.0f} s (a server the test started; slow to "
+                         "start on a loaded machine)")
 
 
 def history(uri: str, run_name: str, experiment: str = "raysnet-digits") -> dict[str, list]:
@@ -111,7 +113,7 @@ def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         uri = f"http://127.0.0.1:{port}"
-        wait_until_up(uri + "/health", 60)
+        wait_until_up(uri + "/health", 180)  # it migrates its new SQLite store first: slow on 2 busy cores
         cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=srv",
                            "epochs=2", f"tracking.uri={uri}"])
         assert train(cfg) == 0
