@@ -45,7 +45,7 @@ def wait_until_up(url: str, seconds: float) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
-            if requests.get(url, timeout=1).ok:
+            if requests.get(url, timeout=1).status_code < 500:  # 401 too: a token-protected dashboard is up
                 return
         except requests.RequestException:
             pass
