@@ -7,10 +7,10 @@
 
 Storage follows FFCV practice. CIFAR and digits are stored raw (32x32: decoding costs more than
 reading), and so are ImageFolder trees whose images are all tiny (longer side at most 64 px, as
-CIFAR-10 saved as JPEG files). Other ImageFolder images are stored as JPEG (quality 90) with the longer side at most 512 px:
-ImageNet's photographs are mostly about 500x375, so 512 keeps nearly all of them untouched while
-capping the few large ones, and the scale augmentation (shorter side up to 480, paper §3.4) reads
-from close to full resolution. `storage=proportion` (a `compress_probability` share as JPEG, the
+CIFAR-10 saved as JPEG files). Other ImageFolder images are stored as JPEG (quality 90) with the
+longer side at most 512 px: ImageNet's photographs are mostly about 500x375, so 512 keeps nearly
+all of them untouched while capping the few large ones, and the scale augmentation (shorter side
+up to 480, paper §3.4) reads from close to full resolution. `storage=proportion` (a `compress_probability` share as JPEG, the
 rest raw) or `raw` trade disk for decoding time, as in FFCV's ImageNet example.
 """
 
@@ -44,8 +44,8 @@ class PrepareConfig:
     # The dataset directory to create. Empty: where training looks by default ($RAYSNET_DATA/<source>).
     out: str = ""
     # imagefolder: the tree with train/<class>/ and val/<class>/ (or test/), or a .tar/.tar.gz
-    # archive of it (the tree at its top or one folder down; unpacked to a temporary directory). cifar10: the
-    # directory holding cifar-10-batches-py (empty: $RAYSNET_DATA/downloads). digits: unused.
+    # archive of it (the tree at its top or one folder down; unpacked to a temporary directory).
+    # cifar10: the directory holding cifar-10-batches-py (empty: $RAYSNET_DATA/downloads). digits: unused.
     root: str = ""
     overwrite: bool = False  # replace an existing, non-empty `out`
     download: bool = True  # cifar10: fetch it with torchvision when `root` lacks it
