@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from raysnet.config import load_config
 from raysnet.models import build_model
-from raysnet.train.worker import WARMUP_STEPS, ddp_kwargs, evaluate, make_optimizer, train_step, warmup_steps
+from raysnet.train.worker import WARMUP_STEPS, ddp_kwargs, make_optimizer, train_step, validate, warmup_steps
 
 REPO = Path(__file__).resolve().parent.parent
 # FFCV's ResNet-50 configurations (libffcv/ffcv-imagenet rn50_configs): epochs -> resolution ramp
@@ -99,9 +99,9 @@ def test_test_time_flip_averages_the_logits_of_image_and_mirror():
     with torch.no_grad():
         expected = F.cross_entropy((model(x) + model(x.flip(3))) / 2, y).item()
         plain = F.cross_entropy(model(x), y).item()
-    out = evaluate(model, [(x, y)], torch.device("cpu"), None, flip=True)
+    out = validate(model, [(x, y)], torch.device("cpu"), None, flip=True)
     assert out["loss"] == pytest.approx(expected, rel=1e-5)
-    assert evaluate(model, [(x, y)], torch.device("cpu"), None)["loss"] == pytest.approx(plain, rel=1e-5)
+    assert validate(model, [(x, y)], torch.device("cpu"), None)["loss"] == pytest.approx(plain, rel=1e-5)
 
 
 # --- progressive resizing

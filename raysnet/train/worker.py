@@ -115,7 +115,7 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+def validate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
              flip: bool = False) -> dict[str, float]:
     """Validation error and loss. `flip`: average the logits of each image and its mirror image
     (test-time augmentation, data.val_flip; the loss is that of the averaged logits)."""
@@ -307,7 +307,7 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, "nonfinite_step": train["bad_step"]})
             return
         last = epoch == cfg.epochs - 1
-        val = evaluate(raw, val_loader, device, dtype, flip=cfg.data.val_flip) \
+        val = validate(raw, val_loader, device, dtype, flip=cfg.data.val_flip) \
             if last or (epoch + 1) % cfg.run.eval_every == 0 else {}
         metrics = {"epoch": epoch, "train_loss": train["loss"], "train_err": train["err"],
                    "val_loss": val.get("loss", float("nan")), "val_err": val.get("err", float("nan")),
