@@ -12,9 +12,8 @@ report.json and the figures into `out`, and logs them as artifacts of the sweep'
   table appears only when some run belongs in it. Parameters are counted on `build_model`.
 - Fig. 4 (ImageNet nets) / Fig. 6 (CIFAR nets): training error (thin) and validation error
   (bold) against iterations, plain and residual side by side, one colour per depth. Iterations
-  = (epoch + 1) x steps per epoch, steps = training images // batch_size (as the worker counts
-  them, capped by run.max_steps), from the trial's `raysnet.steps_per_epoch` tag or the
-  dataset's meta.json; epochs on the axis when neither is found.
+  = (epoch + 1) x the run's `steps_per_epoch` param (what its workers ran); epochs on the axis
+  for runs recorded without it.
 - Fig. 7: the std of each 3x3 layer's response (raysnet.analyze) of each run's final checkpoint,
   in layer order and sorted by magnitude.
 """
@@ -32,7 +31,9 @@ from typing import Any, Literal
 from omegaconf import MISSING
 
 from raysnet import cli as _cli
-from raysnet.cli import UsageError
+from raysnet import tracking
+from raysnet.errors import UsageError
+from raysnet.tables import fmt, markdown_table
 
 CURVES = ("train_err", "val_err")
 
@@ -86,11 +87,6 @@ class RunInfo:
         return values[-1][1] if values and math.isfinite(values[-1][1]) else None
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 # --- reading runs ------------------------------------------------------------------------------
 
 def _meta(root: str) -> dict[str, Any] | None:
@@ -100,20 +96,14 @@ def _meta(root: str) -> dict[str, Any] | None:
         return None
 
 
-def _run_info(client, run, data_root: str) -> RunInfo:
+def _run_info(mlflow, run, data_root: str) -> RunInfo:
     from raysnet.models import get_arch
-    from raysnet.train.tracking import METRICS
 
     tags, params = run.data.tags, run.data.params
     arch = get_arch(params.get("arch") or tags["arch"])
-    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
-               for k in METRICS if k in run.data.metrics}
+    history = tracking.history(mlflow, run.info.run_id, [k for k in tracking.METRICS if k in run.data.metrics])
     meta = _meta(data_root or params.get("data.root", ""))
-    steps = int(tags["raysnet.steps_per_epoch"]) if "raysnet.steps_per_epoch" in tags else None
-    if steps is None and meta and params.get("batch_size"):
-        steps = meta["splits"]["train"]["samples"] // int(params["batch_size"])
-        max_steps = params.get("run.max_steps", "None")
-        steps = min(steps, int(max_steps)) if max_steps not in ("None", "") else steps
+    steps = int(params[tracking.STEPS_PARAM]) if tracking.STEPS_PARAM in params else None
     shortcut = tags.get("shortcut") or ((params.get("model.shortcut") or arch.default_shortcut)
                                         if arch.residual else "none")
     variant = params.get("model.variant")
@@ -124,32 +114,33 @@ def _run_info(client, run, data_root: str) -> RunInfo:
                    history=history, steps_per_epoch=steps, classes=len(meta["classes"]) if meta else None)
 
 
-def select_runs(client, experiment: str, runs: str = "sweep", parent: str = "") -> tuple[list, str | None]:
+def select_runs(mlflow, experiment: str, runs: str = "sweep", parent: str = "") -> tuple[list, str | None]:
     """(the MLflow runs to report, the parent run id or None)."""
-    from raysnet.tune.runner import SWEEP_TAG
-
-    exp = client.get_experiment_by_name(experiment)
+    exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
         raise UsageError(f"no MLflow experiment '{experiment}' at this tracking URI (experiments there: {names}). "
                          "Pass experiment=NAME, and tracking.uri=... if the runs are elsewhere.")
-    everything = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=10000)
-    parents = [r for r in everything if SWEEP_TAG in r.data.tags]
+    everything = tracking.all_runs(mlflow, exp.experiment_id)
+    parents = [r for r in everything if tracking.SWEEP_TAG in r.data.tags]
     if parent or (runs == "sweep" and parents):
         parent = parent or max(parents, key=lambda r: r.info.start_time).info.run_id
-        return [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent], parent
-    return [r for r in everything if SWEEP_TAG not in r.data.tags], None
+        return [r for r in everything if r.data.tags.get(tracking.PARENT_TAG) == parent], parent
+    return [r for r in everything if tracking.SWEEP_TAG not in r.data.tags], None
 
 
-def find_checkpoint(client, info: RunInfo, download_to: Path) -> Path | None:
+def find_checkpoint(mlflow, info: RunInfo, download_to: Path) -> Path | None:
     """The run's final checkpoint: in its run.storage if still there, else MLflow's artifact."""
+    from raysnet import checkpoint
+
     storage, name = info.params.get("run.storage", ""), info.params.get("run.name", "")
     if storage and name and "://" not in storage:
-        local = sorted((Path(storage) / name).glob("checkpoint_*/checkpoint.pt"))
-        if local:
-            return local[-1]
+        try:
+            return checkpoint.find(Path(storage) / name)
+        except UsageError:
+            pass  # moved or deleted: MLflow keeps a copy
     try:
-        path = client.download_artifacts(info.run_id, "checkpoint/checkpoint.pt", str(download_to))
+        path = mlflow.download_artifacts(info.run_id, f"checkpoint/{checkpoint.CHECKPOINT_FILE}", str(download_to))
         return Path(path)
     except Exception:  # noqa: BLE001 - no artifact (still running, or log failed): no Fig. 7 for this run
         return None
@@ -199,10 +190,6 @@ def table_rows(infos: list[RunInfo], table: str, params: dict[str, int]) -> list
                      "diff_top5": top5 - p5 if top5 is not None and p5 is not None else None,
                      "note": paper.note if paper else ""})
     return rows
-
-
-def fmt(v: float | None, signed: bool = False) -> str:
-    return "" if v is None else (f"{v:+.2f}" if signed else f"{v:.2f}")
 
 
 def render_table(table: str, rows: list[dict[str, Any]]) -> str:
@@ -283,67 +270,79 @@ def plot_responses(responses: list[dict[str, Any]], path: Path) -> Path:
 
 # --- the report --------------------------------------------------------------------------------
 
-def make_report(args: ReportArgs) -> tuple[Path, str | None]:
-    """Write the report into `args.out` -> (the path of report.md, the parent run it was logged to)."""
-    from mlflow import MlflowClient
-
-    from raysnet.analyze import analyze
-    from raysnet.config import Config
-    from raysnet.train.tracking import resolve_uri
-
-    out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"out={out} exists and is not empty; choose another out=DIR or pass overwrite=true.")
-    uri = args.tracking.uri or resolve_uri(Config())
-    client = MlflowClient(uri)
-    runs, parent = select_runs(client, args.experiment, args.runs, args.parent)
-    infos = [_run_info(client, r, args.data.root) for r in runs if r.info.status == "FINISHED"]
+def read_runs(args: ReportArgs, uri: str) -> tuple[Any, list[RunInfo], str | None, int]:
+    """-> (the MLflow client, the FINISHED runs to report, their sweep's parent run or None, how
+    many other runs were left out)"""
+    mlflow = tracking.client(uri)
+    runs, parent = select_runs(mlflow, args.experiment, args.runs, args.parent)
+    infos = [_run_info(mlflow, r, args.data.root) for r in runs if r.info.status == "FINISHED"]
     others = len(runs) - len(infos)
     if not infos:
         raise UsageError(f"no FINISHED runs to report in experiment '{args.experiment}'"
                          f"{f' under parent run {parent}' if parent else ''} ({others} not finished).")
-    out.mkdir(parents=True, exist_ok=True)
-    params = {i.run_id: count_parameters(i) for i in infos}
+    return mlflow, infos, parent, others
 
-    header = (f"{len(infos)} finished run(s){f' of sweep parent run {parent}' if parent else ''}"
-              f"{f'; {others} not finished, left out' if others else ''}. Tracking: {uri}. "
-              f"Written {time.strftime('%Y-%m-%d %H:%M')}.\n")
-    sections = [f"# raysnet report: {args.experiment}\n", header]
-    tables = {t: table_rows(infos, t, params) for t in ("2", "3", "6")}
-    tables = {t: rows for t, rows in tables.items() if rows}
-    sections += [render_table(t, rows) + "\n" for t, rows in tables.items()]
 
-    figures = []
+def curve_sections(infos: list[RunInfo], out: Path) -> tuple[list[Path], list[str]]:
+    """Fig. 4 (ImageNet nets) and Fig. 6 (CIFAR nets), where such runs exist. -> (figures, sections)"""
+    figures, sections = [], []
     for family, fig in (("imagenet", "4"), ("cifar", "6")):
         if any(i.family == family for i in infos):
             figures.append(plot_curves(infos, family, out / f"fig{fig}-{family}-curves.png"))
             axis = "iterations" if all(i.steps_per_epoch for i in infos if i.family == family) else "epochs"
             sections.append(f"### Fig. {fig}: training (dashed) and validation (bold) error, {family} nets\n\n"
                             f"![Fig. {fig}]({figures[-1].name})\n\nx axis: {axis}.\n")
+    return figures, sections
 
-    responses = []
-    if args.responses:
-        with tempfile.TemporaryDirectory() as tmp:
-            for info in infos:
-                ckpt = find_checkpoint(client, info, Path(tmp) / info.run_id)
-                if ckpt is None:
-                    continue
-                try:
-                    responses.append({"run": info.name, **analyze(ckpt, args.data.root, args.batch, args.batches)})
-                except UsageError as e:  # the validation data is not reachable here
-                    sections.append(f"Fig. 7: {info.name} left out: {e}\n")
-        if responses:
-            figures.append(plot_responses(responses, out / "fig7-responses.png"))
-            sections.append(f"### Fig. 7: std of the 3x3 layers' responses (after BN, before ReLU/addition)\n\n"
-                            f"![Fig. 7]({figures[-1].name})\n\nOver {responses[0]['images']} validation images "
-                            "per model; std over every element of each layer's response.\n")
 
+def response_sections(mlflow, infos: list[RunInfo], args: ReportArgs,
+                      out: Path) -> tuple[list[dict[str, Any]], list[Path], list[str]]:
+    """Fig. 7 from each run's final checkpoint. -> (responses, figures, sections)"""
+    from raysnet.analyze import analyze
+
+    responses, sections = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for info in infos:
+            ckpt = find_checkpoint(mlflow, info, Path(tmp) / info.run_id)
+            if ckpt is None:
+                continue
+            try:
+                responses.append({"run": info.name, **analyze(ckpt, args.data.root, args.batch, args.batches)})
+            except UsageError as e:  # the validation data is not reachable here
+                sections.append(f"Fig. 7: {info.name} left out: {e}\n")
+    if not responses:
+        return responses, [], sections
+    figure = plot_responses(responses, out / "fig7-responses.png")
+    sections.append(f"### Fig. 7: std of the 3x3 layers' responses (after BN, before ReLU/addition)\n\n"
+                    f"![Fig. 7]({figure.name})\n\nOver {responses[0]['images']} validation images "
+                    "per model; std over every element of each layer's response.\n")
+    return responses, [figure], sections
+
+
+def make_report(args: ReportArgs) -> tuple[Path, str | None]:
+    """Write the report into `args.out` -> (the path of report.md, the parent run it was logged to)."""
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"out={out} exists and is not empty; choose another out=DIR or pass overwrite=true.")
+    uri = tracking.resolve_uri(args.tracking.uri, "outputs")  # training's default store when none is named
+    mlflow, infos, parent, others = read_runs(args, uri)
+    out.mkdir(parents=True, exist_ok=True)
+    params = {i.run_id: count_parameters(i) for i in infos}
+    header = (f"{len(infos)} finished run(s){f' of sweep parent run {parent}' if parent else ''}"
+              f"{f'; {others} not finished, left out' if others else ''}. Tracking: {uri}. "
+              f"Written {time.strftime('%Y-%m-%d %H:%M')}.\n")
+    tables = {t: table_rows(infos, t, params) for t in ("2", "3", "6")}
+    tables = {t: rows for t, rows in tables.items() if rows}
+    figures, curves = curve_sections(infos, out)
+    responses, more, fig7 = response_sections(mlflow, infos, args, out) if args.responses else ([], [], [])
+    sections = [f"# raysnet report: {args.experiment}\n", header,
+                *(render_table(t, rows) + "\n" for t, rows in tables.items()), *curves, *fig7]
     (out / "report.md").write_text("\n".join(sections))
     (out / "report.json").write_text(json.dumps(
         {"experiment": args.experiment, "parent_run_id": parent, "tracking_uri": uri, "tables": tables,
-         "responses": responses, "figures": [f.name for f in figures]}, indent=1, default=str))
+         "responses": responses, "figures": [f.name for f in figures + more]}, indent=1, default=str))
     if parent:
-        client.log_artifacts(parent, str(out), "report")
+        mlflow.log_artifacts(parent, str(out), "report")
     return out / "report.md", parent
 
 

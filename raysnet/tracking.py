@@ -1,6 +1,9 @@
-"""MLflow: one run per raysnet run, found again by `run.name` so a resumed run continues it.
+"""MLflow: every name raysnet records under, and every look-up of what it recorded.
 
-The driver opens and closes the run; rank 0 logs the per-epoch metrics (MLflow step = epoch).
+One MLflow run per raysnet run, found again by `run.name` so a resumed run continues it; a
+sweep is one parent run with a child run per trial. The lifecycle (raysnet.lifecycle) opens and
+closes runs; rank 0 logs the per-epoch metrics (MLflow step = epoch); tune, report and evaluate
+read them back through the look-ups here.
 """
 
 from __future__ import annotations
@@ -9,18 +12,28 @@ import contextlib
 import os
 import platform
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from raysnet.cli import UsageError
 from raysnet.config import Config, flatten, to_yaml
+from raysnet.errors import UsageError
 from raysnet.models import get_arch
 
-RUN_NAME_TAG = "raysnet.run_name"
 # The metric names, the same in MLflow, in Ray's results and in the reports.
 METRICS = ("train_loss", "train_err", "val_loss", "val_err", "val_err_top5", "lr", "images_per_sec",
            "epoch_time_s")
+# Tags: how a rerun finds its run again, and what the UI and the reports group by.
+RUN_NAME_TAG = "raysnet.run_name"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+SWEEP_TAG = "raysnet.sweep"  # on a sweep's parent run: the sweep's identity
+SWEEP_ID_TAG = "raysnet.sweep_id"  # on a trial's run: its sweep's identity
+TRIAL_TAG = "raysnet.trial"  # on a trial's run: its overrides as JSON
+DIVERGED_TAG = "raysnet.diverged"  # the loss became non-finite: a result of the settings, not a failure
+STOPPED_TAG = "raysnet.stopped"  # a trial stopped early by the scheduler
+STEPS_PARAM = "steps_per_epoch"  # each run's training steps per epoch (plots against iterations)
+STATUS_STOPPED = "KILLED"  # MLflow's status for a trial the scheduler stopped early
 
 
 def default_uri(storage: str) -> str:
@@ -28,8 +41,9 @@ def default_uri(storage: str) -> str:
     return f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
 
 
-def resolve_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cfg.run.storage)
+def resolve_uri(uri: str, storage: str) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else SQLite under run.storage."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(storage)
 
 
 def check_reachable(uri: str) -> None:
@@ -51,6 +65,56 @@ def ui_command(uri: str) -> str:
         return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser"
 
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+# --- look-ups ----------------------------------------------------------------------------------
+
+def experiment_id(mlflow, name: str, storage: str, uri: str) -> str:
+    """The experiment `name`, created when missing (artifacts beside a local SQLite store)."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = str(Path(storage) / "mlartifacts") if uri.startswith("sqlite:") else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def find_run(mlflow, experiment: str, tag: str, value: str):
+    """The newest run of `experiment` whose tag `tag` is `value`, or None."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def all_runs(mlflow, experiment_id: str, parent_run_id: str | None = None) -> list:
+    """Every run of an experiment (or every child of `parent_run_id`), oldest first."""
+    where = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else ""
+    return mlflow.search_runs([experiment_id], filter_string=where, order_by=["attributes.start_time ASC"],
+                              max_results=10000)
+
+
+def history(mlflow, run_id: str, keys=METRICS) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value)] of a run, oldest step first."""
+    return {k: sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, k)) for k in keys}
+
+
+def recorded_epochs(mlflow, run_id: str) -> list[dict[str, float]]:
+    """A run's per-epoch metrics (step = epoch), oldest first: [{"epoch": 0, "train_loss": ...}, ...]."""
+    epochs: dict[int, dict[str, float]] = {}
+    for key, points in history(mlflow, run_id).items():
+        for step, value in points:
+            epochs.setdefault(step, {"epoch": step})[key] = value
+    return [epochs[e] for e in sorted(epochs)]
+
+
+# --- a run -------------------------------------------------------------------------------------
 
 def _git_revision() -> str:
     try:
@@ -81,36 +145,26 @@ def run_tags(cfg: Config, hardware: str) -> dict[str, str]:
     }
 
 
-def open_run(cfg: Config, hardware: str, parent_run_id: str | None = None,
-             extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """The MLflow run of `cfg.run.name`, created with params and tags unless it exists. -> (id, resumed)
-
-    `parent_run_id` nests it under a sweep's parent run (MLflow's `mlflow.parentRunId` tag)."""
-    from mlflow import MlflowClient
-
-    uri = cfg.tracking.uri
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        location = str(Path(cfg.run.storage) / "mlartifacts") if uri.startswith("sqlite:") else None
-        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, True
-    tags = {**run_tags(cfg, hardware), **(extra_tags or {})}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
+def log_params(mlflow, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
-    for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
-    client.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")  # the resolved config, rerunnable as is
+    batch = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params a batch
+        mlflow.log_batch(run_id, params=batch[i:i + 100])
+
+
+def open_run(cfg: Config, tags: dict[str, str], params: dict[str, Any]) -> tuple[str, bool]:
+    """The MLflow run of `cfg.run.name`, created with the config as params, `params` and `tags`
+    unless it exists (a resumed run keeps what it was created with). -> (run id, resumed)"""
+    mlflow = client(cfg.tracking.uri)
+    found = find_run(mlflow, cfg.tracking.experiment, RUN_NAME_TAG, cfg.run.name)
+    if found:
+        mlflow.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, True
+    exp_id = experiment_id(mlflow, cfg.tracking.experiment, cfg.run.storage, cfg.tracking.uri)
+    run = mlflow.create_run(exp_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name, **tags})
+    log_params(mlflow, run.info.run_id, {**flatten(cfg), **params})
+    mlflow.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")  # the resolved config, rerunnable as is
     return run.info.run_id, False
 
 
@@ -122,9 +176,7 @@ class Tracker:
         # Bounded retries: an outage delays an epoch's metrics to the next sync, never the training.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow import MlflowClient
-
-        self.client, self.run_id = MlflowClient(cfg.tracking.uri), run_id
+        self.client, self.run_id = client(cfg.tracking.uri), run_id
         self.logged: set[int] | None = None  # epochs MLflow has; None: ask it
 
     def sync(self, history: list[dict[str, Any]]) -> None:
@@ -136,7 +188,7 @@ class Tracker:
             pending = [h for h in history if h["epoch"] not in self.logged]
             if not pending:
                 return
-            now = int(1000 * __import__("time").time())
+            now = int(1000 * time.time())
             metrics = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in pending for k in METRICS]
             self.client.log_batch(self.run_id, metrics=metrics)
             self.logged |= {h["epoch"] for h in pending}
@@ -167,11 +219,10 @@ def fluent_uri(uri: str):
 def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, example=None) -> None:
     """Artifacts at the end: the last checkpoint and the model in MLflow's format."""
     import mlflow
-    from mlflow import MlflowClient
 
-    client = MlflowClient(cfg.tracking.uri)
+    records = client(cfg.tracking.uri)
     if checkpoint_dir:
-        client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
+        records.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
     if model is not None and cfg.tracking.log_model:
         import torch
 
@@ -179,10 +230,12 @@ def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, exam
             # Explicit requirements: MLflow's inference imports the world and takes minutes.
             mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    client.set_terminated(run_id, status="FINISHED")
+    records.set_terminated(run_id, status="FINISHED")
 
 
-def fail_run(cfg: Config, run_id: str) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(cfg.tracking.uri).set_terminated(run_id, status="FAILED")
+def fail_run(cfg: Config, run_id: str, diverged: str = "") -> None:
+    """Close a run as FAILED; `diverged` says why when the loss became non-finite."""
+    records = client(cfg.tracking.uri)
+    if diverged:
+        records.set_tag(run_id, DIVERGED_TAG, diverged)
+    records.set_terminated(run_id, status="FAILED")

@@ -49,7 +49,7 @@ def child_runs(uri: str, experiment: str) -> list:
 def histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     from mlflow import MlflowClient
 
-    from raysnet.train.tracking import METRICS
+    from raysnet.tracking import METRICS
 
     client = MlflowClient(uri)
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in METRICS}

@@ -86,7 +86,7 @@ def test_report_of_the_smoke_sweep(smoke_sweep, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     # Table 6 holds each run's final numbers as MLflow has them, and the paper's in the right row.
-    from raysnet.train.tracking import fluent_uri
+    from raysnet.tracking import fluent_uri
 
     with fluent_uri(smoke_sweep.uri):
         runs = mlflow.search_runs(experiment_names=[smoke_sweep.experiment])

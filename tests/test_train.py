@@ -73,11 +73,11 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
 
 
 def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits_root):
-    from raysnet.train.driver import train
+    from raysnet.lifecycle import run_one
 
     cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
                        "tracking.log_model=true"])
-    assert train(cfg) == 0
+    assert run_one(cfg) == 0
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     h = history(uri, "e2e")
     assert [s for s, _ in h["train_err"]] == [0, 1, 2]  # MLflow step = epoch index, each once
@@ -103,7 +103,7 @@ def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits_root):
 
 
 def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
-    from raysnet.train.driver import train
+    from raysnet.lifecycle import run_one
 
     port = free_port()
     server = subprocess.Popen(
@@ -116,7 +116,7 @@ def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
         wait_until_up(uri + "/health", 180)  # it migrates its new SQLite store first: slow on 2 busy cores
         cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=srv",
                            "epochs=2", f"tracking.uri={uri}"])
-        assert train(cfg) == 0
+        assert run_one(cfg) == 0
         h = history(uri, "srv")
         assert [s for s, _ in h["val_err"]] == [0, 1]
     finally:
@@ -134,13 +134,13 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, digits_root):
 
 
 def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_local, tmp_path, digits_root):
-    from raysnet.train.driver import train
+    from raysnet.lifecycle import run_one
 
     steps = json.loads((Path(digits_root) / "meta.json").read_text())["splits"]["train"]["samples"] // 64
     # Epoch 0 trains at lr 1e30 * 1e-31 = 0.1 (warm-up); epoch 1 at 1e30 overflows.
     cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3",
                        "optim.lr=1e30", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31"])
-    assert train(cfg) == 1
+    assert run_one(cfg) == 1
     ckpts = sorted((tmp_path / "nan").glob("checkpoint_*/checkpoint.pt"))
     assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["epoch"] == 0
 
@@ -155,12 +155,12 @@ def _train_workers() -> list:
 def test_survives_a_killed_worker(ray_local, tmp_path, digits_root):
     """Kill one training worker after the first checkpoint: the run resumes and finishes every epoch,
     and MLflow holds each epoch exactly once."""
-    from raysnet.train.driver import train
+    from raysnet.lifecycle import run_one
 
     cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=ft", "epochs=4",
                        "run.max_failures=2"])
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", train(cfg)))
+    thread = threading.Thread(target=lambda: result.setdefault("rc", run_one(cfg)))
     thread.start()
     deadline = time.time() + 300
     while not list((tmp_path / "ft").glob("checkpoint_*")) and time.time() < deadline:

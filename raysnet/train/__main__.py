@@ -17,9 +17,9 @@ def run(args: list[str]) -> int:
     if print_only:
         print(to_yaml(cfg), end="")
         return 0
-    from raysnet.train.driver import train
+    from raysnet.lifecycle import run_one
 
-    return train(cfg)
+    return run_one(cfg)
 
 
 def cli() -> None:

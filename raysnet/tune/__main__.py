@@ -6,7 +6,7 @@ key=value overrides the config of every trial; sweep.key=value overrides a key o
 from __future__ import annotations
 
 from raysnet import cli as _cli
-from raysnet.cli import UsageError
+from raysnet.errors import UsageError
 
 
 def run(args: list[str]) -> int:

@@ -132,7 +132,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple
 
 
 def _check(spec: Sweep, where: str) -> None:
-    from raysnet.train.tracking import METRICS
+    from raysnet.tracking import METRICS
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
         raise ConfigError(f"bad value for 'name' in {where}: '{spec.name}'. Use letters, digits, '.', '_', '-' "
@@ -200,6 +200,7 @@ def conditional(spec: Sweep, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _value(v: Any) -> str:
+    """A value as it reads in a run name."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -209,20 +210,12 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def as_args(overrides: dict[str, Any]) -> list[str]:
-    return [f"{k}={_value(v)}" for k, v in overrides.items()]
-
-
-def trial_args(spec: Sweep, overrides: dict[str, Any], cli: list[str]) -> list[str]:
-    """load_config's arguments for a trial: base recipe <- sweep overrides <- the trial's values
-    <- its conditional overrides <- the command line."""
-    return [f"recipe={spec.recipe}", *as_args(spec.overrides), *as_args(overrides),
-            *as_args(conditional(spec, overrides)), *cli]
-
-
 def trial_config(spec: Sweep, overrides: dict[str, Any], cli: list[str]) -> Config:
+    """A trial's config: base recipe <- sweep overrides <- the trial's values <- its conditional
+    overrides <- the command line (merged as values; only the command line is text)."""
+    layers = [{"recipe": spec.recipe}, spec.overrides, overrides, conditional(spec, overrides)]
     try:
-        return load_config(trial_args(spec, overrides, cli))
+        return load_config(cli, base=layers)
     except ConfigError as e:
         what = f"trial {json.dumps(overrides)}" if overrides else "its base"
         raise ConfigError(f"sweep '{spec.name}', {what}: {e}") from None

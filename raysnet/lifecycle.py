@@ -1,0 +1,242 @@
+"""A run's lifecycle, from a resolved config to a closed MLflow run:
+
+    preflight (everything cheap that can fail: names, dataset, tracking server, resume check)
+    -> connect Ray -> open the MLflow run -> TorchTrainer(worker.train_loop).fit() -> finish
+
+`run_one` is that sequence, called by `python -m raysnet.train` and by every Tune trial (which
+passes its parent run, tags and a callback); the worker (raysnet.train.worker) is what each Ray
+Train worker runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Ray 2.60 swaps 127.0.0.1 for the routable address unless this is set; a local run listens on
+# loopback only. Must precede `import ray`.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from raysnet import checkpoint, tracking  # noqa: E402
+from raysnet.config import Config, flatten, from_dict, to_dict, to_yaml  # noqa: E402
+from raysnet.errors import UsageError  # noqa: E402
+
+CONFIG_FILE = "raysnet-config.yaml"
+# Keys a resumed run may change: they alter how it runs, not what it computes.
+RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run.cpus_per_worker",
+                  "data.loader_workers", "tracking.log_model", "model.compile", "run.ddp_static_graph"}
+# A job submitted with --working-dir runs in a copy Ray deletes later (see README, "Training").
+RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
+
+
+# --- before Ray ------------------------------------------------------------------------------
+
+def finalize(cfg: Config) -> Config:
+    """Fill in what 'empty' means, so the recorded config is the one that ran."""
+    storage = cfg.run.storage if "://" in cfg.run.storage else str(Path(cfg.run.storage).expanduser().resolve())
+    if RAY_WORKING_DIR in storage:
+        print(f"warning: run.storage={storage} is inside the job's temporary copy of its working directory, "
+              "which Ray deletes; pass an absolute run.storage (e.g. run.storage=$PWD/outputs) to keep the "
+              "checkpoints and the MLflow store.", file=sys.stderr, flush=True)
+    name = cfg.run.name or f"{cfg.arch}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, storage=storage, name=name),
+        tracking=dataclasses.replace(cfg.tracking, uri=tracking.resolve_uri(cfg.tracking.uri, storage),
+                                     experiment=cfg.tracking.experiment or f"raysnet-{cfg.data.name}"))
+
+
+def check_resume(cfg: Config) -> bool:
+    """A rerun with the same run.name resumes, but only the same computation. -> True when resuming."""
+    if "://" in cfg.run.storage:
+        return False  # remote storage: Ray Train itself finds the run's checkpoints there
+    path = Path(cfg.run.storage) / cfg.run.name / CONFIG_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(path)
+        return False
+    saved, now = flatten(from_dict(OmegaConf.load(path))), flatten(cfg)
+    changed = sorted(k for k, v in now.items() if k not in RESUMABLE_KEYS and saved.get(k) != v)
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise UsageError(f"run.name={cfg.run.name} already exists in {path.parent} with a different config "
+                         f"({diffs}). Rerun with the same settings to resume it, or choose a new run.name.")
+    return True
+
+
+def preflight(cfg: Config) -> tuple[Config, dict, bool]:
+    """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed)"""
+    from raysnet.data import check_dataset, ensure_dataset
+
+    cfg = finalize(cfg)
+    meta = ensure_dataset(cfg.data)
+    check_dataset(cfg.data)
+    tracking.check_reachable(cfg.tracking.uri)
+    return cfg, meta, check_resume(cfg)
+
+
+def steps_per_epoch(cfg: Config, meta: dict) -> int:
+    from raysnet.data import steps_per_epoch as steps
+
+    return steps(meta["splits"]["train"]["samples"], cfg.batch_size, cfg.run.workers, cfg.run.max_steps)
+
+
+# --- Ray -----------------------------------------------------------------------------------------
+
+def connect_ray(cpus: int):
+    """The cluster we were submitted to (`ray job submit` sets RAY_ADDRESS), else a local Ray with
+    at least `cpus` logical CPUs (so the requested workers fit even on a small laptop)."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level="WARNING")
+        else:
+            # The dashboard (on loopback) also serves the state API that Ray Train's clean-up relies on.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=True,
+                     dashboard_host="127.0.0.1", dashboard_port=_free_port(8265), logging_level="WARNING")
+    return ray
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError("no free port on 127.0.0.1")
+
+
+def gpus_per_worker(cfg: Config) -> int:
+    """run.gpus_per_worker, else 1 when the cluster has GPUs."""
+    import ray
+
+    if cfg.run.gpus_per_worker is not None:
+        return cfg.run.gpus_per_worker
+    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+
+def hardware(gpus: int, cfg: Config) -> str:
+    import platform
+
+    import ray
+    import torch
+
+    if gpus:
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
+        return f"{cfg.run.workers}x{gpus} {name}"
+    return f"{cfg.run.workers} CPU workers ({platform.processor() or platform.machine()}, " \
+           f"{int(ray.cluster_resources().get('CPU', 0))} CPUs in the cluster)"
+
+
+def _epoch_printer(epochs: int):
+    """A Ray Train callback (it runs in the controller) that prints one line per epoch."""
+    from ray.train import UserCallback
+
+    class EpochPrinter(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0]
+            if "train_err" in m:
+                print(f"epoch {m['epoch'] + 1}/{epochs}: train_err {m['train_err']:.2f}%  val_err "
+                      f"{m['val_err']:.2f}%  lr {m['lr']:.4g}  {m['images_per_sec']:.0f} images/s  "
+                      f"{m['epoch_time_s']:.1f} s", flush=True)
+
+    return EpochPrinter()
+
+
+def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: int, callbacks: list):
+    """The `TorchTrainer` of one run."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": to_dict(cfg), "meta": meta, "run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
+                             callbacks=[_epoch_printer(cfg.epochs), *callbacks],
+                             # Ray Train's INFO lines per report would drown the epoch lines.
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+    )
+
+
+def _train_loop(config: dict) -> None:
+    # Imported inside, so Ray ships a reference to the module rather than pickling the driver's state.
+    from raysnet.train.worker import train_loop
+
+    train_loop(config)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+            callbacks: list | None = None) -> int:
+    """Train one run to the end (or resume it) and record it. -> exit status: 0 done, 1 the loss
+    became non-finite (the run is closed FAILED and tagged diverged). `parent_run_id` nests the
+    MLflow run under a sweep's parent; `tags` are added to it; `callbacks` go to Ray Train."""
+    cfg, meta, resumed = preflight(cfg)
+    cpus = cfg.run.workers * cfg.run.cpus_per_worker
+    connect_ray(cpus)
+    gpus = gpus_per_worker(cfg)
+    steps = steps_per_epoch(cfg, meta)
+    nest = {tracking.PARENT_TAG: parent_run_id} if parent_run_id else {}
+    run_id, _ = tracking.open_run(cfg, {**tracking.run_tags(cfg, hardware(gpus, cfg)), **(tags or {}), **nest},
+                                  {tracking.STEPS_PARAM: steps})
+    print(f"raysnet: {'resuming' if resumed else 'training'} {_describe(cfg, meta, gpus, steps)}; run {cfg.run.name}",
+          flush=True)
+    try:
+        result = make_trainer(cfg, meta, run_id, gpus, callbacks or []).fit()
+        return finish(cfg, run_id, result)
+    except (Exception, KeyboardInterrupt):
+        with contextlib.suppress(Exception):  # the error itself matters more than the record of it
+            tracking.fail_run(cfg, run_id)
+        raise
+
+
+def _describe(cfg: Config, meta: dict, gpus: int, steps: int) -> str:
+    from raysnet.models import get_arch
+
+    return (f"{cfg.arch} ({get_arch(cfg.arch).depth} layers) on {cfg.data.name} [{len(meta['classes'])} classes], "
+            f"{cfg.epochs} epochs of {steps} steps, global batch {cfg.batch_size} over {cfg.run.workers} "
+            f"worker(s){f' with {gpus} GPU(s) each' if gpus else ''}")
+
+
+def finish(cfg: Config, run_id: str, result: Any) -> int:
+    """Close the MLflow run with the model, or explain why the run stopped. -> exit status"""
+    import torch
+
+    from raysnet.train.worker import NONFINITE_NOTE, pop_note
+
+    bad = pop_note(cfg, NONFINITE_NOTE)
+    if bad:
+        last = f"the last good checkpoint is {result.checkpoint.path}" if result.checkpoint else "no checkpoint yet"
+        why = f"the training loss became non-finite at epoch {bad['epoch']}, step {bad['step']}"
+        print(f"error: {why} (lower optim.lr, or check the data); training stopped and {last}.", file=sys.stderr)
+        tracking.fail_run(cfg, run_id, diverged=why)
+        return 1
+    with result.checkpoint.as_directory() as d:
+        model = checkpoint.load_model(Path(d) / checkpoint.CHECKPOINT_FILE).model
+        tracking.finish_run(cfg, run_id, d, model, example=torch.zeros(1, 3, cfg.data.crop, cfg.data.crop))
+    m = {k: (result.metrics or {}).get(k, float("nan")) for k in ("val_err", "val_err_top5", "train_err")}
+    print(f"raysnet: done. val_err {m['val_err']:.2f}% (top-5 {m['val_err_top5']:.2f}%), train_err "
+          f"{m['train_err']:.2f}% after {cfg.epochs} epochs.\n"
+          f"  checkpoints: {result.checkpoint.path}\n"
+          f"  MLflow: experiment {cfg.tracking.experiment}, run {run_id} at {cfg.tracking.uri}\n"
+          f"  open the MLflow UI: {tracking.ui_command(cfg.tracking.uri)}")
+    return 0
