@@ -99,7 +99,7 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, c_in: int, width: int, stride: int, residual: bool, shortcut: str, variant: str):
+    def __init__(self, c_in: int, width: int, stride: int, residual: bool, shortcut: str):
         super().__init__()
         self.conv1 = conv3x3(c_in, width, stride)
         self.bn1 = nn.BatchNorm2d(width)
@@ -157,6 +157,8 @@ class ResNet(nn.Module):
     def __init__(self, arch: Arch, num_classes: int, shortcut: str, variant: str):
         super().__init__()
         block = BLOCKS[arch.block]
+        # Only the bottleneck has a choice of where the stride goes (v1 or v1.5).
+        variant_arg = {"variant": variant} if block is Bottleneck else {}
         if arch.family == "imagenet":
             stem_width, widths = 64, (64, 128, 256, 512)
             self.conv1 = nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False)  # 224 -> 112
@@ -173,7 +175,7 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2  # each later stage halves the feature map
             layer = []
             for j in range(n):
-                layer.append(block(c_in, width, stride if j == 0 else 1, arch.residual, shortcut, variant))
+                layer.append(block(c_in, width, stride if j == 0 else 1, arch.residual, shortcut, **variant_arg))
                 c_in = width * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
         self.stages = len(arch.blocks)
