@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 import textwrap
-import typing
 from collections.abc import Callable
 from typing import TypeVar
 
-from raysnet.config import ConfigError
+from raysnet.errors import ConfigError, UsageError, from_omegaconf, unknown_key
+
+__all__ = ["ConfigError", "UsageError", "main", "parse_args"]  # the errors re-exported for older imports
 
 T = TypeVar("T")
-
-
-class UsageError(ConfigError):
-    """Bad input that is not a config key: a missing file, a mismatched dataset."""
 
 
 def main(run: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
@@ -30,11 +26,17 @@ def main(run: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     sys.exit(code or 0)
 
 
-def _keys(schema, prefix: str = "") -> list[str]:
+def _keys(schema, prefix: str = "", sections: bool = False) -> list[str]:
+    """The dotted leaf keys of a dataclass; with `sections`, the names of its nested dataclasses too."""
     out = []
     for f in dataclasses.fields(schema):
         default = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        out += _keys(default, f"{prefix}{f.name}.") if dataclasses.is_dataclass(default) else [prefix + f.name]
+        if not dataclasses.is_dataclass(default):
+            out.append(prefix + f.name)
+            continue
+        if sections:
+            out.append(prefix + f.name)
+        out += _keys(default, f"{prefix}{f.name}.", sections)
     return out
 
 
@@ -42,25 +44,23 @@ def parse_args(schema: type[T], args: list[str] | tuple[str, ...], tool: str) ->
     """`key=value` arguments into the dataclass `schema` (OmegaConf does the typing): an unknown
     key, a missing required key or a bad value is a ConfigError that names it."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import OmegaConfBaseException
 
-    keys = _keys(schema)
+    where, leaves, keys = f"arguments of {tool}", _keys(schema), _keys(schema, sections=True)
     for arg in args:
-        if "=" not in arg or arg.startswith("="):
+        key = arg.partition("=")[0]
+        if "=" not in arg or not key:
             raise ConfigError(f"cannot read argument '{arg}': arguments to {tool} are key=value. "
-                              f"Keys: {', '.join(keys)}.")
+                              f"Keys: {', '.join(leaves)}.")
+        # Checked here: OmegaConf names only the first unknown part (optim of optim.lr), or no key
+        # at all for a value given to a whole section (data=3).
+        if key in keys and key not in leaves:
+            section = [k for k in leaves if k.startswith(key + ".")]
+            raise ConfigError(f"bad value for '{key}' ({where}): set its keys one by one: {', '.join(section)}.")
+        if key not in keys:
+            raise unknown_key(key, where, keys)
     try:
         node = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(args)))
         return OmegaConf.to_object(node)
-    except ConfigKeyError as e:
-        close = difflib.get_close_matches(str(e.full_key), keys, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown key '{e.full_key}' for {tool}.{hint} Valid keys: {', '.join(keys)}.") from None
-    except MissingMandatoryValue as e:
-        choices = typing.get_args(typing.get_type_hints(schema).get(str(e.full_key)))
-        value = "|".join(map(str, choices)) if choices else "VALUE"
-        raise ConfigError(f"missing key '{e.full_key}' for {tool}: give it as {e.full_key}={value}.") from None
-    except ValidationError as e:
-        raise ConfigError(f"bad value for '{e.full_key}' ({tool}): {e.msg.splitlines()[0]}.") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read arguments {list(args)} for {tool}: {e.msg}") from None
+        raise from_omegaconf(e, where, keys) from None

@@ -4,6 +4,9 @@ Grammar, as in Hydra's config groups:
   recipe=NAME      picks raysnet/recipes/NAME.yaml (default: imagenet-paper for ImageNet depths, else digits)
   data=NAME        picks raysnet/recipes/data/NAME.yaml, or a YAML file of your own (data=path/to/mine.yaml)
   data.root=DIR    sets a field of the selected dataset recipe; likewise every other dotted key
+
+Code passes its overrides as values, not strings: `load_config(base=[{"optim.lr": 0.05}])`.
+`data.root` is made absolute here, once; every other module reads it as it is.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from raysnet.config.schema import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, TrackingConfig
+from raysnet.errors import ConfigError, from_omegaconf
 from raysnet.models import get_arch, list_models
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig",
-           "TrackingConfig", "load_config", "to_dict", "from_dict", "flatten", "recipes", "data_root"]
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrackingConfig",
+    "data_root", "flatten", "from_dict", "from_yaml", "load_config", "recipes", "resolve_root", "to_dict",
+    "to_yaml",
+]
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 GROUPS = ("recipe", "data")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, worded for the person who made it."""
 
 
 def recipes() -> list[str]:
@@ -58,18 +62,6 @@ def _text_keys(node: Any = Config, prefix: str = "") -> set[str]:
         elif f.type in ("str", str):
             keys.add(prefix + f.name)
     return keys
-
-
-def _unknown_key(key: str) -> ConfigError:
-    valid = _valid_keys()
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    # List the keys of the section the mistake is in (or the top level), not all of them.
-    section = key.rpartition(".")[0]
-    siblings = [k for k in valid if k.rpartition(".")[0] == section] if section in valid else \
-        [k for k in valid if "." not in k]
-    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys{f' in {section}' if section in valid else ''}: "
-                       f"{', '.join(siblings)}. Print every key and its value with --print-config.")
 
 
 def _load_yaml(path: Path, what: str) -> DictConfig:
@@ -128,57 +120,103 @@ def _split(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return groups, overrides
 
 
+def _from_args(overrides: list[str]) -> DictConfig:
+    """`key=value` strings as a node; text keys take the value as typed (YAML would read
+    run.name=007 as the number 7)."""
+    text = _text_keys()
+    try:
+        node = OmegaConf.from_dotlist([a for a in overrides if a.partition("=")[0] not in text])
+        for arg in overrides:
+            key, _, value = arg.partition("=")
+            if key in text:
+                OmegaConf.update(node, key, value, force_add=True)
+    except OmegaConfBaseException as e:
+        raise from_omegaconf(e, f"overrides {overrides}", _valid_keys()) from None
+    return node
+
+
+def _from_mapping(mapping: Mapping[str, Any]) -> tuple[dict[str, str], DictConfig]:
+    """(groups, node) from {dotted key: typed value}: the values are merged as they are, never printed."""
+    groups, node = {}, OmegaConf.create()
+    try:
+        for key, value in mapping.items():
+            if key in GROUPS and isinstance(value, str):
+                groups[key] = value
+            else:
+                OmegaConf.update(node, key, value, force_add=True)
+    except OmegaConfBaseException as e:
+        raise from_omegaconf(e, f"overrides {dict(mapping)}", _valid_keys()) from None
+    return groups, node
+
+
 def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, update)
     except ConfigKeyError as e:
-        raise _unknown_key(e.full_key) from None
+        err = from_omegaconf(e, where, _valid_keys())
+        raise ConfigError(f"{err} Print every key and its value with --print-config.") from None
     except ValidationError as e:
+        if not e.full_key:  # a value for a whole section (model=3): OmegaConf names no key
+            e.full_key = next((k for k, v in update.items() if isinstance(base.get(k), DictConfig)
+                               and not isinstance(v, (dict, DictConfig))), "?")
+        err = from_omegaconf(e, where)
         choices = f" Valid architectures: {', '.join(list_models())}." if e.full_key == "arch" else ""
-        # A value given for a whole section (model=3) fails in OmegaConf with neither msg nor full_key.
-        key = e.full_key or next((k for k, v in update.items() if isinstance(base.get(k), DictConfig)
-                                  and not isinstance(v, (dict, DictConfig))), "?")
-        msg = (e.msg or str(e)).splitlines()[0]
-        raise ConfigError(f"bad value for '{key}' ({where}): {msg}.{choices}") from None
+        raise ConfigError(f"{err}{choices}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad configuration ({where}): {e.msg}") from None
+        raise from_omegaconf(e, where) from None
 
 
-def load_config(args: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- recipe (and its bases) <- dataset recipe <- key=value overrides."""
-    groups, overrides = _split(list(args))
-    # Text keys take the value as typed: YAML would read run.name=007 as the number 7.
-    text = _text_keys()
-    try:
-        cli = OmegaConf.from_dotlist([a for a in overrides if a.partition("=")[0] not in text])
-        for arg in overrides:
-            key, _, value = arg.partition("=")
-            if key in text:
-                OmegaConf.update(cli, key, value, force_add=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read overrides {overrides}: {e.msg}") from None
+def resolve_root(root: str) -> str:
+    """A dataset directory as every process reads it: absolute (~ expanded, relative to the working
+    directory of the process that loads the config); a URI (s3://...) stays as given."""
+    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
-    # The recipe follows the architecture unless named: the paper trains ImageNet depths on
-    # ImageNet, and everything else starts from the embedded digits quickstart.
-    arch = str(cli.get("arch", ""))
-    name = groups.get("recipe") or ("imagenet-paper" if arch in list_models()
-                                    and get_arch(arch).family == "imagenet" else "digits")
-    cfg = OmegaConf.structured(Config)
+
+def _default_recipe(layers: list[tuple[str, DictConfig]]) -> str:
+    """The recipe follows the architecture unless named: the paper trains ImageNet depths on
+    ImageNet, and everything else starts from the embedded digits quickstart."""
+    arch = next((str(node.arch) for _, node in reversed(layers) if "arch" in node), "")
+    return "imagenet-paper" if arch in list_models() and get_arch(arch).family == "imagenet" else "digits"
+
+
+def _with_recipes(groups: dict[str, str], layers: list[tuple[str, DictConfig]]) -> DictConfig:
+    """Schema defaults <- the recipe (and its bases) <- its dataset recipe."""
+    name = groups.get("recipe") or _default_recipe(layers)
     recipe = _recipe(name)
     data = groups.get("data") or recipe.pop("data", None) or "digits"
     if not isinstance(data, str):
         raise ConfigError(f"recipe '{name}': 'data' must name a dataset recipe, not a mapping.")
     recipe.pop("data", None)
-    cfg = _merge(cfg, recipe, f"recipe {name}")
-    cfg = _merge(cfg, {"recipe": name, "data": _data_recipe(data)}, f"dataset recipe {data}")
-    cfg = _merge(cfg, cli, "command line")
-    # The default location, or the user's path with ~ expanded, so workers read the same place.
-    root = str(Path(cfg.data.root).expanduser()) if cfg.data.root else data_root(cfg.data)
-    cfg = _merge(cfg, {"data": {"root": root}}, "data.root")
+    cfg = _merge(OmegaConf.structured(Config), recipe, f"recipe {name}")
+    return _merge(cfg, {"recipe": name, "data": _data_recipe(data)}, f"dataset recipe {data}")
+
+
+def load_config(args: Sequence[str] = (), *, base: Sequence[Mapping[str, Any]] = ()) -> Config:
+    """Schema defaults <- recipe (and its bases) <- dataset recipe <- each of `base` <- `args`.
+
+    `args`: the command line's `key=value` strings. `base`: mappings of dotted keys to typed values,
+    e.g. [{"recipe": "cifar-paper"}, {"run.workers": 2, "optim.lr": 0.05}], merged as values in
+    order. The groups `recipe` and `data` may be set in any layer; the last one wins.
+    """
+    groups: dict[str, str] = {}
+    layers: list[tuple[str, DictConfig]] = []
+    for mapping in base:
+        named, node = _from_mapping(mapping)
+        groups.update(named)
+        layers.append(("overrides", node))
+    named, overrides = _split(list(args))
+    groups.update(named)
+    layers.append(("command line", _from_args(overrides)))
+
+    cfg = _with_recipes(groups, layers)
+    for where, node in layers:
+        cfg = _merge(cfg, node, where)
+    # Resolved here, once, so every worker and every later reader sees the same directory.
+    cfg = _merge(cfg, {"data": {"root": resolve_root(cfg.data.root or data_root(cfg.data))}}, "data.root")
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # a required value left missing
-        raise ConfigError(f"incomplete configuration: {e.msg} (full key: {getattr(e, 'full_key', '?')}).") from None
+        raise from_omegaconf(e, "the resolved configuration", _valid_keys()) from None
     validate(config)
     return config
 
@@ -214,12 +252,23 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def from_dict(d: dict[str, Any]) -> Config:
+def from_dict(d: Mapping[str, Any]) -> Config:
+    """The inverse of `to_dict`."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(source: str | Path) -> Config:
+    """A Config from `to_yaml`'s text (a str) or from a file of it (a Path)."""
+    where = f"config file '{source}'" if isinstance(source, Path) else "config text"
+    try:
+        node = OmegaConf.load(source) if isinstance(source, Path) else OmegaConf.create(source)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), node))
+    except OmegaConfBaseException as e:
+        raise from_omegaconf(e, where, _valid_keys()) from None
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

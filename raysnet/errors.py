@@ -1,0 +1,57 @@
+"""The errors a person sees, and the one translation of OmegaConf's exceptions into them.
+
+Every layer (config, data, the entry points) raises these; `raysnet.cli.main` prints them as one
+paragraph with exit status 2, so nothing here may import more than OmegaConf.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Sequence
+
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, worded for the person who made it."""
+
+
+class UsageError(ConfigError):
+    """Bad input that is not a config key: a missing file, a mismatched dataset."""
+
+
+def from_omegaconf(e: OmegaConfBaseException, where: str, keys: Sequence[str] = ()) -> ConfigError:
+    """OmegaConf's exception `e`, raised while reading `where` (e.g. "command line", "arguments of
+    raysnet.analyze"), as one sentence that names the key. `keys`: the valid dotted keys, for
+    "Did you mean" and the list of keys an unknown one is shown beside."""
+    key = str(getattr(e, "full_key", None) or "")
+    if isinstance(e, ConfigKeyError):
+        return unknown_key(key, where, keys)
+    if isinstance(e, MissingMandatoryValue):
+        return ConfigError(f"missing key '{key}' ({where}): give it as {key}={_placeholder(e)}.")
+    if isinstance(e, ValidationError):
+        msg = (e.msg or str(e) or "not a valid value").splitlines()[0]
+        return ConfigError(f"bad value for '{key}' ({where}): {msg}.")
+    return ConfigError(f"cannot read {where}: {e.msg}")
+
+
+def unknown_key(key: str, where: str, keys: Sequence[str]) -> ConfigError:
+    """A key that is not in `keys`; the keys listed are those of its section (or the top level),
+    so a typo in `optim.` shows the optimiser's keys, not all of them."""
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    section = key.rpartition(".")[0]
+    if not any(k.startswith(section + ".") for k in keys):
+        section = ""
+    siblings = [k for k in keys if k.rpartition(".")[0] == section]
+    listed = f" Valid keys{f' in {section}' if section else ''}: {', '.join(siblings)}." if siblings else ""
+    return ConfigError(f"unknown key '{key}' ({where}).{hint}{listed}")
+
+
+def _placeholder(e: MissingMandatoryValue) -> str:
+    """`a|b|c` for a Literal-typed key (its choices), else VALUE."""
+    node = getattr(e, "child_node", None)
+    ref_type = getattr(getattr(node, "_metadata", None), "ref_type", None)
+    choices = typing.get_args(ref_type) if typing.get_origin(ref_type) is typing.Literal else ()
+    return "|".join(map(str, choices)) if choices else "VALUE"
