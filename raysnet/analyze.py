@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable
@@ -28,9 +29,9 @@ from omegaconf import MISSING
 from torch import nn
 
 from raysnet import cli as _cli
-from raysnet.cli import UsageError
-
-CHECKPOINT_FILE = "checkpoint.pt"
+from raysnet.checkpoint import find, load_model
+from raysnet.config import Config, resolve_root
+from raysnet.errors import UsageError
 
 
 @dataclass
@@ -95,40 +96,12 @@ def layer_stds(model: nn.Module, batches: Iterable[torch.Tensor], stem: bool = F
     return out
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """checkpoint.pt itself, a checkpoint directory holding it, or a run directory (its latest checkpoint)."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p
-    if (p / CHECKPOINT_FILE).is_file():
-        return p / CHECKPOINT_FILE
-    found = sorted(p.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))  # Ray names them by time: the last is the newest
-    if found:
-        return found[-1]
-    raise UsageError(f"no raysnet checkpoint at '{p}': give checkpoint=PATH to a {CHECKPOINT_FILE}, the directory "
-                     f"holding it, or a run directory with checkpoint_*/{CHECKPOINT_FILE} inside.")
-
-
-def load_model(checkpoint: str | Path) -> tuple[nn.Module, Any]:
-    """(model in eval mode, its Config) from a raysnet checkpoint."""
-    from raysnet.config import from_dict
-    from raysnet.models import build_model
-
-    state = torch.load(find_checkpoint(checkpoint), map_location="cpu", weights_only=False)
-    cfg = from_dict(state["config"])
-    model = build_model(cfg.arch, num_classes=state["model"]["fc.weight"].shape[0], shortcut=cfg.model.shortcut,
-                        variant=cfg.model.variant)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg
-
-
-def validation_batches(cfg, data_root: str = "", batch: int = 128, batches: int = 10):
-    """The first `batches` validation images batches of the run's dataset, on the CPU."""
-    import dataclasses
-
+def validation_batches(cfg: Config, data_root: str = "", batch: int = 128, batches: int = 10):
+    """The first `batches` validation images batches of the run's dataset, on the CPU.
+    `data_root`: the user's override of the directory recorded in the checkpoint's config."""
     from raysnet.data import ensure_dataset, make_loaders
 
-    data = dataclasses.replace(cfg.data, root=data_root) if data_root else cfg.data
+    data = dataclasses.replace(cfg.data, root=resolve_root(data_root)) if data_root else cfg.data
     meta = ensure_dataset(data)
     _, val = make_loaders(data, meta, batch, device=torch.device("cpu"), seed=0, distributed=False,
                           channels_last=False)
@@ -143,7 +116,9 @@ def analyze(checkpoint: str | Path, data_root: str = "", batch: int = 128, batch
     """Fig. 7's statistics for one checkpoint: {"layers": [names], "std": [values], ...}, in layer order."""
     from raysnet.models import get_arch
 
-    model, cfg = load_model(checkpoint)
+    path = find(checkpoint)
+    loaded = load_model(path)
+    model, cfg = loaded.model, loaded.config
     seen = []
 
     def counted():
@@ -153,7 +128,7 @@ def analyze(checkpoint: str | Path, data_root: str = "", batch: int = 128, batch
 
     stds = layer_stds(model, counted(), stem)
     arch = get_arch(cfg.arch)
-    return {"checkpoint": str(find_checkpoint(checkpoint)), "arch": cfg.arch, "depth": arch.depth,
+    return {"checkpoint": str(path), "arch": cfg.arch, "depth": arch.depth,
             "residual": arch.residual, "shortcut": cfg.model.shortcut or arch.default_shortcut,
             "dataset": cfg.data.name, "images": sum(seen), "stem": stem,
             "layers": [n for n, _ in stds], "std": [s for _, s in stds]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -27,15 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2.functional import ten_crop
 
+from raysnet import checkpoint
 from raysnet import cli as _cli
-from raysnet.cli import UsageError
-from raysnet.config import Config, ConfigError, DataConfig, from_dict, load_config
+from raysnet.config import Config, DataConfig, load_config
 
 MODES = ("single", "10crop", "multiscale")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """raysnet.evaluate's own keys; data=NAME and data.<field>=VALUE go to `load_config` instead."""
+
     checkpoint: str = ""
     mode: Literal["single", "10crop", "multiscale", "all"] = "all"
     scales: tuple[int, ...] = (224, 256, 384, 480, 640)
@@ -93,44 +94,25 @@ def loader(data: DataConfig, meta: dict, mode: str, scales: tuple[int, ...], bat
                   pipelines={"image": decode + to_batch(meta, cpu, False), "label": label_pipeline(cpu)})
 
 
-def load_model(ecfg: EvalConfig, data_args: list[str]) -> tuple[nn.Module, Config, dict]:
-    """-> (model in eval mode, the config to evaluate under, the raw checkpoint dict)"""
-    from raysnet.models import build_model
+def load_for_testing(ecfg: EvalConfig, data_args: list[str]) -> tuple[nn.Module, Config, str | None]:
+    """-> (model in eval mode, the config to test it under, the MLflow run id of a raysnet checkpoint).
 
-    path = Path(ecfg.checkpoint).expanduser()
-    if not ecfg.checkpoint or not path.is_file():
-        raise UsageError(f"checkpoint={ecfg.checkpoint!r} is not a file; pass checkpoint=PATH to a raysnet "
-                         "checkpoint.pt or a torchvision state dict (with arch=...).")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise UsageError(f"checkpoint '{path}' cannot be read by torch.load ({type(e).__name__}: {e}).") from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
-        cfg = from_dict(ckpt["config"])
-        if data_args:  # evaluate on another dataset, or the same one moved
-            named = any(a.startswith("data=") for a in data_args)
-            data = load_config(data_args).data if named else \
-                load_config([f"data={cfg.data.name}", *data_args]).data
-            cfg = dataclasses.replace(cfg, data=data)
-        state = ckpt["model"]
-        model = build_model(cfg.arch, num_classes=state["fc.weight"].shape[0], shortcut=cfg.model.shortcut,
-                            variant=cfg.model.variant)
-    elif isinstance(ckpt, dict) and "fc.weight" in ckpt:
-        if not ecfg.arch:
-            raise UsageError(f"'{path}' is a plain state dict; name its architecture with arch=resnet50 (etc.).")
-        cfg = load_config([f"arch={ecfg.arch}", *data_args])
-        state = ckpt
-        model = build_model(ecfg.arch, num_classes=state["fc.weight"].shape[0], shortcut="B", variant="v1.5")
-    else:
-        raise UsageError(f"'{path}' is neither a raysnet checkpoint nor a ResNet state dict.")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UsageError(f"the weights in '{path}' do not fit {cfg.arch}: {str(e).splitlines()[0]}") from None
-    return model.eval(), cfg, ckpt
+    `data_args` (data=NAME, data.<field>=VALUE) pick the dataset: for a raysnet checkpoint they
+    replace its own (another dataset, or the same one moved); a torchvision state dict has none.
+    """
+    loaded = checkpoint.load_model(ecfg.checkpoint, ecfg.arch)
+    if loaded.config is None:
+        return loaded.model, load_config([f"arch={ecfg.arch}", *data_args]), None
+    cfg = loaded.config
+    if data_args:
+        named = any(a.startswith("data=") for a in data_args)
+        data = load_config(data_args if named else [f"data={cfg.data.name}", *data_args]).data
+        cfg = dataclasses.replace(cfg, data=data)
+    return loaded.model, cfg, loaded.run_id
 
 
-def evaluate(model: nn.Module, data: DataConfig, meta: dict, mode: str, ecfg: EvalConfig) -> dict[str, float]:
+def measure_error(model: nn.Module, data: DataConfig, meta: dict, mode: str, ecfg: EvalConfig) -> dict[str, float]:
+    """Top-1 and top-5 error (%) of `model` on `data`'s validation set, tested the `mode` way."""
     top1 = top5 = n = 0
     for images, labels in loader(data, meta, mode, ecfg.scales, ecfg.batch_size, ecfg.max_batches):
         probs = predict(model, images, mode, data.crop, ecfg.scales)
@@ -141,8 +123,7 @@ def evaluate(model: nn.Module, data: DataConfig, meta: dict, mode: str, ecfg: Ev
     return {"err": 100 * (1 - top1 / max(n, 1)), "err_top5": 100 * (1 - top5 / max(n, 1)), "n": n}
 
 
-def _log(ckpt: dict, cfg: Config, results: dict[str, dict]) -> None:
-    run_id = ckpt.get("mlflow_run_id") if isinstance(ckpt, dict) else None
+def _log(run_id: str | None, cfg: Config, results: dict[str, dict]) -> None:
     if not run_id or not cfg.tracking.uri:
         return
     try:
@@ -158,33 +139,21 @@ def _log(ckpt: dict, cfg: Config, results: dict[str, dict]) -> None:
 
 
 def run(args: list[str]) -> int:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     from raysnet.data import check_dataset
 
-    own = {f.name for f in dataclasses.fields(EvalConfig)}
-    mine = [a for a in args if a.partition("=")[0] in own]
-    data_args = [a for a in args if a not in mine]
-    bad = [a for a in data_args if not a.partition("=")[0].split(".")[0] == "data"]
-    if bad:
-        raise ConfigError(f"unknown key '{bad[0].partition('=')[0]}' for raysnet.evaluate; valid keys: "
-                          f"{', '.join(sorted(own))}, and data=NAME / data.<field>=VALUE.")
-    try:
-        ecfg: EvalConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
-                                                               OmegaConf.from_dotlist(mine)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad value for '{getattr(e, 'full_key', '?')}': {str(e).splitlines()[0]}") from None
-    model, cfg, ckpt = load_model(ecfg, data_args)
+    # data=NAME and data.<field>=VALUE pass through to load_config; the rest are EvalConfig's keys.
+    data_args = [a for a in args if a.partition("=")[0].split(".")[0] == "data"]
+    ecfg = _cli.parse_args(EvalConfig, [a for a in args if a not in data_args], "raysnet.evaluate")
+    model, cfg, run_id = load_for_testing(ecfg, data_args)
     meta = check_dataset(cfg.data, num_classes=model.fc.out_features)
     modes = MODES if ecfg.mode == "all" else (ecfg.mode,)
     results = {}
     for mode in modes:
-        r = results[mode] = evaluate(model, cfg.data, meta, mode, ecfg)
+        r = results[mode] = measure_error(model, cfg.data, meta, mode, ecfg)
         print(f"{cfg.arch} {mode:>10}: top-1 error {r['err']:.2f}%  top-5 error {r['err_top5']:.2f}%  "
               f"({r['n']} images of {cfg.data.name})")
     if ecfg.log:
-        _log(ckpt, cfg, results)
+        _log(run_id, cfg, results)
     return 0
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from raysnet import cli
-from raysnet.analyze import layer_stds, load_model, response_layers
+from raysnet.analyze import layer_stds, response_layers
+from raysnet.checkpoint import load_model
 from raysnet.config import load_config, to_dict
 from raysnet.models import build_model
 
@@ -94,7 +95,8 @@ def test_analyze_a_checkpoint_on_the_validation_set(tmp_path, sweep_digits):
     result = json.loads(out.read_text())
     assert result["checkpoint"] == str(path) and result["arch"] == "plain20" and not result["residual"]
     assert result["images"] == 200 and len(result["std"]) == len(result["layers"]) == 18
-    model, cfg = load_model(path)
+    loaded = load_model(path)
+    model, cfg = loaded.model, loaded.config
     batches = [b.clone() for b in validation_batches(cfg, sweep_digits, 100, 2)]
     assert result["std"] == pytest.approx([s for _, s in layer_stds(model, batches)], rel=1e-6)
 

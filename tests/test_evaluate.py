@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from raysnet.config import load_config
-from raysnet.evaluate import EvalConfig, load_model, predict, views
+from raysnet.evaluate import EvalConfig, load_for_testing, predict, views
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_a_torchvision_state_dict_evaluates_as_the_v15_b_variant(tmp_path):
     reference = torchvision.models.resnet18(num_classes=10).eval()
     path = tmp_path / "tv.pt"
     torch.save(reference.state_dict(), path)
-    model, cfg, _ = load_model(EvalConfig(checkpoint=str(path), arch="resnet18"), ["data=digits"])
+    model, cfg, _ = load_for_testing(EvalConfig(checkpoint=str(path), arch="resnet18"), ["data=digits"])
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(model(x), reference(x), atol=1e-5)
 
@@ -51,7 +51,8 @@ def checkpoint(tmp_path_factory) -> Path:
     """A raysnet checkpoint of an untrained ResNet-20 over the prepared digits."""
     from raysnet.data import ensure_dataset
     from raysnet.models import build_model
-    from raysnet.train.worker import make_optimizer, save_checkpoint
+    from raysnet.checkpoint import save
+    from raysnet.train.worker import make_optimizer
 
     tmp = tmp_path_factory.mktemp("eval")
     cfg = load_config([f"data.root={tmp / 'digits'}"])
@@ -59,7 +60,7 @@ def checkpoint(tmp_path_factory) -> Path:
     model = build_model("resnet20")
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(tmp / "checkpoint.pt", model, opt, sched, 0, cfg, "", [])
+    save(tmp / "checkpoint.pt", model=model, optimizer=opt, scheduler=sched, epoch=0, cfg=cfg, run_id="", history=[])
     return tmp / "checkpoint.pt"
 
 
