@@ -6,12 +6,23 @@ Writes DIR/train.beton, DIR/val.beton and DIR/meta.json (see raysnet.data.prepar
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raysnet import cli as _cli
 
+if TYPE_CHECKING:
+    from raysnet.data.prepare import PrepareConfig
+
+
+def parse_args(args: list[str] | tuple[str, ...]) -> PrepareConfig:
+    """The command line as a `raysnet.data.PrepareConfig` (its values are checked by `prepare`)."""
+    from raysnet.data.prepare import PrepareConfig
+
+    return _cli.parse_args(PrepareConfig, args, "raysnet.prepare")
+
 
 def run(args: list[str]) -> int:
-    from raysnet.data.prepare import default_out, parse_args, prepare, summary, usage
+    from raysnet.data.prepare import default_out, prepare, summary, usage
 
     if {"-h", "--help"} & set(args):
         print(usage())

@@ -19,11 +19,12 @@ from PIL import Image
 from raysnet import cli
 from raysnet.cli import UsageError
 from raysnet.config import ConfigError, DataConfig
-from raysnet.data import check_dataset, ensure_dataset, make_loaders, parse_args, prepare, set_epoch
+from raysnet.data import check_dataset, ensure_dataset, make_loaders, prepare, set_epoch, steps_per_epoch
 from raysnet.data.dataset import read_beton_header
 from raysnet.data.sources import ArraySamples, Split, digits_arrays, from_arrays
 from raysnet.data.transforms import scale_crop
 from raysnet.data.writer import WriteError, WriteSettings, write_dataset
+from raysnet.prepare import parse_args
 
 # numba's dispatcher finaliser trips over FFCV's per-loader compiled functions when a loader is
 # garbage-collected; harmless, and not ours to fix.
@@ -454,6 +455,37 @@ def test_cli_exit_status(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: output directory") and "Traceback" not in done.stderr
     assert (tmp_path / "ds" / "keep.txt").read_text() == "mine"
+
+
+# --- steps per epoch: what the worker and the run driver count ---------------------------------
+
+
+def test_steps_per_epoch_is_the_train_loaders_length(digits_dir):
+    """One worker: the FFCV train loader as the worker builds it (drop_last, not distributed)."""
+    data = DataConfig(name="digits", root=str(digits_dir), loader_workers=1)
+    meta = check_dataset(data)
+    samples = meta["splits"]["train"]["samples"]
+    for batch_size in (64, 100):  # 1437 = 22 x 64 + 29 = 14 x 100 + 37: both drop a partial batch
+        train, _ = make_loaders(data, meta, batch_size, device=CPU, seed=0, distributed=False, channels_last=False)
+        assert steps_per_epoch(samples, batch_size, 1, None) == len(train) == samples // batch_size
+        assert steps_per_epoch(samples, batch_size, 1, 5) == 5
+        assert steps_per_epoch(samples, batch_size, 1, 10**6) == len(train)
+
+
+@pytest.mark.parametrize("samples", [1437, 96, 50, 7])
+def test_steps_per_epoch_across_workers_follows_ffcvs_sampler(samples):
+    """Several workers: FFCV's distributed RANDOM order is torch's DistributedSampler(drop_last=False)
+    over the indices (ffcv/traversal_order/random.py), then the loader keeps whole batches."""
+    from torch.utils.data import DistributedSampler
+
+    for workers in (2, 3, 4):
+        for per_worker in (1, 8, 64):
+            for rank in range(workers):
+                sampler = DistributedSampler(np.arange(samples), num_replicas=workers, rank=rank, shuffle=True,
+                                             seed=0, drop_last=False)
+                steps = len(list(sampler)) // per_worker
+                assert steps_per_epoch(samples, per_worker * workers, workers, None) == steps
+                assert steps_per_epoch(samples, per_worker * workers, workers, 2) == min(2, steps)
 
 
 # --- sharding across two Ray Train workers ---------------------------------------------------

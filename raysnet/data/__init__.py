@@ -5,11 +5,12 @@
     train, val = make_loaders(cfg.data, meta, batch_size, device=..., seed=..., distributed=True,
                               channels_last=True)      # in each worker
     set_epoch(train, start_epoch)                     # when resuming
+    steps_per_epoch(samples, cfg.batch_size, cfg.run.workers, cfg.run.max_steps)  # len(train), anywhere
 """
 
 from raysnet.data.dataset import check_dataset, dataset_dir, ensure_dataset, prepare_command
-from raysnet.data.loaders import make_loaders, set_epoch
-from raysnet.data.prepare import PrepareConfig, parse_args, prepare
+from raysnet.data.loaders import make_loaders, set_epoch, steps_per_epoch
+from raysnet.data.prepare import PrepareConfig, prepare
 
-__all__ = ["PrepareConfig", "check_dataset", "dataset_dir", "ensure_dataset", "make_loaders", "parse_args",
-           "prepare", "prepare_command", "set_epoch"]
+__all__ = ["PrepareConfig", "check_dataset", "dataset_dir", "ensure_dataset", "make_loaders", "prepare",
+           "prepare_command", "set_epoch", "steps_per_epoch"]

@@ -14,15 +14,16 @@ from typing import Any
 import numpy as np
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
-from raysnet.cli import UsageError
 from raysnet.config import DataConfig, data_root
 from raysnet.data.writer import BETON, META, META_FORMAT, out_is_free
+from raysnet.errors import UsageError
 
 FIELDS = ("image", "label")
 
 
 def dataset_dir(data: DataConfig) -> Path:
-    return Path(data.root or data_root(data)).expanduser()
+    # load_config made data.root absolute; the default only serves a DataConfig built in code.
+    return Path(data.root or data_root(data))
 
 
 def prepare_command(data: DataConfig) -> str:

@@ -25,11 +25,11 @@ from ffcv.pipeline.operation import Operation
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
 
-from raysnet.cli import UsageError
 from raysnet.config import DataConfig
 from raysnet.data.dataset import dataset_dir
 from raysnet.data.transforms import ColourJitter, PadRandomCrop, RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize
 from raysnet.data.writer import BETON
+from raysnet.errors import UsageError
 
 COLOUR_JITTER = 0.4  # brightness, contrast, saturation factors in [0.6, 1.4], as torchvision's ColorJitter(0.4, 0.4, 0.4)
 
@@ -125,6 +125,19 @@ class ReproducibleQuasiRandom(QuasiRandom):
     def sample_order(self, epoch: int) -> np.ndarray:
         self.page_to_samples_array[:] = self.pristine
         return super().sample_order(epoch)
+
+
+def steps_per_epoch(samples: int, batch_size: int, workers: int, max_steps: int | None) -> int:
+    """Training steps each worker runs per epoch: `len(train_loader)` from `make_loaders`, capped by
+    `max_steps`. `batch_size` is the global batch, split evenly across `workers`.
+
+    With more than one worker FFCV emulates torch's DistributedSampler(drop_last=False): every rank
+    gets ceil(samples / workers) samples (the last ranks padded with repeats); then the loader's
+    drop_last keeps only whole batches.
+    """
+    share = math.ceil(samples / workers)
+    steps = share // (batch_size // workers)
+    return steps if max_steps is None else min(max_steps, steps)
 
 
 def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, device: torch.device, seed: int,

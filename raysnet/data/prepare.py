@@ -28,11 +28,10 @@ from typing import Any, Literal, Optional
 
 from omegaconf import MISSING
 
-from raysnet import cli
-from raysnet.cli import UsageError
-from raysnet.config import ConfigError, DataConfig, data_root
+from raysnet.config import DataConfig, data_root
 from raysnet.data import sources
 from raysnet.data.writer import WriteSettings, out_is_free, write_dataset
+from raysnet.errors import ConfigError, UsageError
 
 SOURCES = ("imagefolder", "cifar10", "digits")
 SHOW_SKIPPED = 20  # the summary lists this many skipped files; meta.json has them all
@@ -58,12 +57,6 @@ class PrepareConfig:
     workers: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # (processes that check and encode images: every core this process may use)
     progress: bool = True
-
-
-def parse_args(args: list[str] | tuple[str, ...]) -> PrepareConfig:
-    cfg = cli.parse_args(PrepareConfig, args, "raysnet.prepare")
-    _validate(cfg)
-    return cfg
 
 
 def _validate(cfg: PrepareConfig) -> None:
@@ -118,6 +111,7 @@ def load_source(cfg: PrepareConfig, root: Path | None = None) -> sources.Source:
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Read the source, write the dataset directory atomically, return its meta.json contents."""
+    _validate(cfg)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)
     if not out_is_free(out) and not cfg.overwrite:  # say so before minutes of reading the source
         raise UsageError(f"output directory '{out}' already exists and is not empty; nothing was changed. Pass "

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from raysnet.cli import UsageError
+from raysnet.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 DIGITS_VAL_FRACTION = 0.2  # 1,797 digits -> 1,437 train / 360 val, stratified

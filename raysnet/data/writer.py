@@ -25,8 +25,8 @@ from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from tqdm import tqdm
 
 import raysnet
-from raysnet.cli import UsageError
 from raysnet.data.sources import Source, Split
+from raysnet.errors import UsageError
 
 META = "meta.json"
 BETON = {"train": "train.beton", "val": "val.beton"}
