@@ -162,10 +162,14 @@ def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: int, callbacks: lis
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raysnet.train.network import NodeNetworkTorchConfig
+
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
         _train_loop,
         train_loop_config={"config": to_dict(cfg), "meta": meta, "run_id": run_id},
+        # Gloo on the node's Ray IP, not wherever the hostname resolves (often 127.0.0.1).
+        torch_config=NodeNetworkTorchConfig(),
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
                              callbacks=[_epoch_printer(cfg.epochs), *callbacks],
