@@ -49,9 +49,9 @@ def test_a_torchvision_state_dict_evaluates_as_the_v15_b_variant(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A raysnet checkpoint of an untrained ResNet-20 over the prepared digits."""
+    from raysnet.checkpoint import save
     from raysnet.data import ensure_dataset
     from raysnet.models import build_model
-    from raysnet.checkpoint import save
     from raysnet.train.worker import make_optimizer
 
     tmp = tmp_path_factory.mktemp("eval")
