@@ -1,6 +1,7 @@
 """The Ray Train worker: takes only its config and builds model, loaders and optimiser inside.
 
-Sections follow the data: setup -> data -> network -> optimiser -> restore -> epochs.
+Sections follow the data: the pieces (statistics, the train step, validation, the optimiser), then
+`build` (setup -> data -> network -> optimiser -> restore) and `run_epoch`, which `train_loop` repeats.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,11 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from raysnet.config import Config, from_dict, to_dict
+from raysnet import checkpoint
+from raysnet.config import Config, from_dict
 from raysnet.models import build_model
 from raysnet.train.schedule import base_lr, lr_factor
 
-CHECKPOINT_FILE = "checkpoint.pt"
+if TYPE_CHECKING:
+    from raysnet.tracking import Tracker
+
 NONFINITE_NOTE = "nonfinite.json"
 # Steps at the start of an epoch left out of `images_per_sec` when they are warm-up, not
 # training speed: torch.compile's first steps (and its recompile for a new input size), DDP's
@@ -171,39 +175,6 @@ def warmup_steps(cfg: Config, *, first: bool, resized: bool, steps: int) -> int:
     return WARMUP_STEPS if (cfg.model.compile and first) or resized else 0
 
 
-@dataclass
-class State:
-    """What a checkpoint restores."""
-
-    epoch: int = 0  # next epoch to run
-    history: list[dict[str, float]] | None = None
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, cfg: Config, run_id: str,
-                    history: list[dict]) -> None:
-    torch.save({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": None,  # bf16 autocast needs no loss scaler; kept so the format has room for fp16
-        "epoch": epoch, "config": to_dict(cfg), "mlflow_run_id": run_id, "history": history,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, path)
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, device: torch.device) -> State:
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch"].cpu())
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-    return State(epoch=ckpt["epoch"] + 1, history=ckpt["history"])
-
-
 def _quiet_ray_train_reports() -> None:
     """Ray Train logs every report at INFO through a logger named after its file, which its
     LoggingConfig does not reach; the driver prints one line per epoch instead."""
@@ -214,112 +185,202 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's `train_loop_per_worker`. `config` = {"config": resolved Config dict, "meta": dataset
-    metadata, "run_id": MLflow run id}."""
-    import ray.train
+@dataclass
+class Job:
+    """One worker's run, built once: what every epoch reads (and `history`, which it appends to)."""
+
+    cfg: Config
+    run_id: str  # the MLflow run
+    rank: int
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's; None: fp32
+    train_loader: Any
+    val_loader: Any
+    steps: int  # training steps per epoch
+    model: nn.Module  # as trained: wrapped by Ray (DDP), compiled with model.compile
+    raw: nn.Module  # the bare network: validated and checkpointed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    first_epoch: int  # the first this process runs: 0, or the one after a restored checkpoint
+    history: list[dict[str, float]]  # every finished epoch's metrics, restored ones included
+    tracker: Tracker | None  # rank 0's MLflow logger
+
+
+def _seed_and_device(cfg: Config, rank: int) -> torch.device:
+    """This worker's device, with every RNG seeded by run.seed + rank."""
     import ray.train.torch
 
-    from raysnet.data import make_loaders, set_epoch
-    from raysnet.data.loaders import set_train_resolution, train_resolution
-    from raysnet.train.tracking import Tracker
-
-    # --- setup
-    _quiet_ray_train_reports()
-    cfg = from_dict(config["config"])
-    meta, run_id = config["meta"], config["run_id"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed + rank)
     np.random.seed(cfg.run.seed + rank)
     random.seed(cfg.run.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    dtype = autocast_dtype(cfg.run.precision, device)
+    return device
 
-    # --- data: each worker gets its shard of the global batch
+
+def _loaders(cfg: Config, meta: dict[str, Any], world: int, device: torch.device):
+    """(train, val) FFCV loaders; each worker gets its shard of the global batch."""
+    from raysnet.data import make_loaders
+
     data = cfg.data
     if device.type == "cpu":
         # FFCV sets torch's (process-wide) thread count to its decoding threads, so on a CPU the two
         # are one knob: size it to the CPUs Ray gave this worker, or workers oversubscribe the cores.
         data = dataclasses.replace(data, loader_workers=cfg.run.cpus_per_worker)
-    train_loader, val_loader = make_loaders(data, meta, cfg.batch_size // world, device=device,
-                                            seed=cfg.run.seed, distributed=world > 1,
-                                            channels_last=cfg.model.channels_last)
-    steps = len(train_loader) if cfg.run.max_steps is None else min(cfg.run.max_steps, len(train_loader))
+    return make_loaders(data, meta, cfg.batch_size // world, device=device, seed=cfg.run.seed,
+                        distributed=world > 1, channels_last=cfg.model.channels_last)
 
-    # --- network
-    model = build_model(cfg.arch, num_classes=len(meta["classes"]), shortcut=cfg.model.shortcut,
-                        variant=cfg.model.variant)
+
+def _network(cfg: Config, classes: int) -> tuple[nn.Module, nn.Module]:
+    """(the model as trained, the bare network): wrapped by Ray (DDP across workers), then compiled."""
+    import ray.train.torch
+
+    raw = build_model(cfg.arch, num_classes=classes, shortcut=cfg.model.shortcut, variant=cfg.model.variant)
     if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    raw = model
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs(cfg))
+        raw = raw.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs=ddp_kwargs(cfg))
     if cfg.model.compile:
         model = torch.compile(model)
+    return model, raw
 
-    # --- optimiser and schedule (per iteration, so milestones fall where the paper puts them)
+
+def _restore(raw: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[int, list[dict[str, float]]]:
+    """(first epoch to run, history): from Ray's latest checkpoint after a worker failure or a rerun
+    with the same run.name; (0, []) for a new run."""
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    if not latest:
+        return 0, []
+    with latest.as_directory() as d:
+        return checkpoint.restore(Path(d) / checkpoint.CHECKPOINT_FILE, model=raw, optimizer=optimizer,
+                                  scheduler=scheduler, device=device)
+
+
+def build(config: dict[str, Any]) -> Job:
+    """Setup -> data -> network -> optimiser and schedule -> restore, from the worker's `config`."""
+    import ray.train
+
+    from raysnet.data import steps_per_epoch
+    from raysnet.tracking import Tracker
+
+    cfg, meta, run_id = from_dict(config["config"]), config["meta"], config["run_id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _seed_and_device(cfg, rank)
+    train_loader, val_loader = _loaders(cfg, meta, world, device)
+    steps = steps_per_epoch(meta["splits"]["train"]["samples"], cfg.batch_size, world, cfg.run.max_steps)
+    model, raw = _network(cfg, len(meta["classes"]))
+    # The schedule is per iteration, so milestones fall where the paper puts them.
     optimizer = make_optimizer(raw, cfg, device)
     total = steps * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
-
-    # --- restore: after a worker failure or a rerun with the same run.name
-    state = State(history=[])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE, raw, optimizer, scheduler, device)
+    first_epoch, history = _restore(raw, optimizer, scheduler, device)
     tracker = Tracker(cfg, run_id) if rank == 0 else None
     if tracker:
-        tracker.sync(state.history)  # epochs checkpointed but not yet in MLflow (a crash in between)
+        tracker.sync(history)  # epochs checkpointed but not yet in MLflow (a crash in between)
+    return Job(cfg=cfg, run_id=run_id, rank=rank, device=device, dtype=autocast_dtype(cfg.run.precision, device),
+               train_loader=train_loader, val_loader=val_loader, steps=steps, model=model, raw=raw,
+               optimizer=optimizer, scheduler=scheduler, first_epoch=first_epoch, history=history,
+               tracker=tracker)
 
-    # --- epochs
-    for epoch in range(state.epoch, cfg.epochs):
-        start = time.perf_counter()
-        set_epoch(train_loader, epoch)
-        # Progressive resizing (data.res_start/res_end): this epoch's training crop.
-        resized = bool(cfg.data.res_start and cfg.data.res_end) and \
-            set_train_resolution(train_loader, train_resolution(cfg.data, epoch, cfg.epochs))
-        warm = warmup_steps(cfg, first=epoch == state.epoch, resized=resized, steps=steps)
-        model.train()
-        stats = EpochStats(device)
-        lr = optimizer.param_groups[0]["lr"]
-        timed_start, done = time.perf_counter(), 0
-        for step, (images, labels) in enumerate(train_loader):
-            if step >= steps:
-                break
-            if warm and step == warm:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # once an epoch: the warm-up steps must be finished
-                timed_start = time.perf_counter()
-            train_step(model, images, labels, optimizer, scheduler, stats, step, dtype, cfg.optim.label_smoothing)
-            done += 1
-        train = stats.reduce()
-        train_time = time.perf_counter() - timed_start
-        timed_images = train["n"] * (done - warm) / max(done, 1)  # every step has the same batch (drop_last)
-        if train["bad_step"] >= 0:
-            # Stop every worker the same way: no retry (it would diverge again), no checkpoint (the
-            # last good one stays). Ray's result only carries checkpointed metrics, so rank 0
-            # leaves a note in the run's directory for the driver.
-            if rank == 0:
-                write_note(cfg, NONFINITE_NOTE, {"epoch": epoch, "step": train["bad_step"]})
-            ray.train.report({"epoch": epoch, "nonfinite_step": train["bad_step"]})
+
+def _start_epoch(job: Job, epoch: int) -> int:
+    """Shuffle and resize for `epoch`; returns how many warm-up steps `images_per_sec` leaves out."""
+    from raysnet.data import set_epoch
+    from raysnet.data.loaders import set_train_resolution, train_resolution
+
+    cfg = job.cfg
+    set_epoch(job.train_loader, epoch)
+    # Progressive resizing (data.res_start/res_end): this epoch's training crop.
+    resized = bool(cfg.data.res_start and cfg.data.res_end) and \
+        set_train_resolution(job.train_loader, train_resolution(cfg.data, epoch, cfg.epochs))
+    return warmup_steps(cfg, first=epoch == job.first_epoch, resized=resized, steps=job.steps)
+
+
+def _train(job: Job, warm: int) -> tuple[dict[str, float], float]:
+    """An epoch of training steps: (EpochStats.reduce() over workers, images/s after `warm` steps)."""
+    job.model.train()
+    stats = EpochStats(job.device)
+    timed_start, done = time.perf_counter(), 0
+    for step, (images, labels) in enumerate(job.train_loader):
+        if step >= job.steps:
+            break
+        if warm and step == warm:
+            if job.device.type == "cuda":
+                torch.cuda.synchronize(job.device)  # once an epoch: the warm-up steps must be finished
+            timed_start = time.perf_counter()
+        train_step(job.model, images, labels, job.optimizer, job.scheduler, stats, step, job.dtype,
+                   job.cfg.optim.label_smoothing)
+        done += 1
+    train = stats.reduce()
+    train_time = time.perf_counter() - timed_start
+    timed_images = train["n"] * (done - warm) / max(done, 1)  # every step has the same batch (drop_last)
+    return train, timed_images / train_time
+
+
+def _stop_nonfinite(job: Job, epoch: int, step: int) -> None:
+    """Stop every worker the same way: no retry (it would diverge again), no checkpoint (the last
+    good one stays). Ray's result only carries checkpointed metrics, so rank 0 leaves a note in the
+    run's directory for the driver."""
+    import ray.train
+
+    if job.rank == 0:
+        write_note(job.cfg, NONFINITE_NOTE, {"epoch": epoch, "step": step})
+    ray.train.report({"epoch": epoch, "nonfinite_step": step})
+
+
+def _validate_if_due(job: Job, epoch: int) -> dict[str, float]:
+    """Validation every run.eval_every epochs and after the last one; {} in the epochs between."""
+    cfg = job.cfg
+    last = epoch == cfg.epochs - 1
+    if not (last or (epoch + 1) % cfg.run.eval_every == 0):
+        return {}
+    return validate(job.raw, job.val_loader, job.device, job.dtype, flip=cfg.data.val_flip)
+
+
+def _checkpoint_and_report(job: Job, epoch: int, metrics: dict[str, float]) -> None:
+    """Every worker reports the epoch to Ray; rank 0 with the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if job.rank == 0:
+            checkpoint.save(Path(tmp) / checkpoint.CHECKPOINT_FILE, model=job.raw, optimizer=job.optimizer,
+                            scheduler=job.scheduler, epoch=epoch, cfg=job.cfg, run_id=job.run_id,
+                            history=job.history)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def run_epoch(job: Job, epoch: int) -> dict[str, float] | None:
+    """Train, validate when due, checkpoint, report: the epoch's metrics, or None when a loss was
+    not finite (the run stops)."""
+    start = time.perf_counter()
+    warm = _start_epoch(job, epoch)
+    lr = job.optimizer.param_groups[0]["lr"]
+    train, images_per_sec = _train(job, warm)
+    if train["bad_step"] >= 0:
+        _stop_nonfinite(job, epoch, train["bad_step"])
+        return None
+    val = _validate_if_due(job, epoch)
+    metrics = {"epoch": epoch, "train_loss": train["loss"], "train_err": train["err"],
+               "val_loss": val.get("loss", float("nan")), "val_err": val.get("err", float("nan")),
+               "val_err_top5": val.get("err_top5", float("nan")), "lr": lr,
+               "images_per_sec": images_per_sec, "epoch_time_s": time.perf_counter() - start}
+    job.history.append(metrics)
+    _checkpoint_and_report(job, epoch, metrics)
+    if job.tracker:
+        job.tracker.sync(job.history)
+    return metrics
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`. `config` = {"config": resolved Config dict (to_dict), "meta":
+    dataset metadata, "run_id": MLflow run id}."""
+    _quiet_ray_train_reports()
+    job = build(config)
+    for epoch in range(job.first_epoch, job.cfg.epochs):
+        if run_epoch(job, epoch) is None:
             return
-        last = epoch == cfg.epochs - 1
-        val = validate(raw, val_loader, device, dtype, flip=cfg.data.val_flip) \
-            if last or (epoch + 1) % cfg.run.eval_every == 0 else {}
-        metrics = {"epoch": epoch, "train_loss": train["loss"], "train_err": train["err"],
-                   "val_loss": val.get("loss", float("nan")), "val_err": val.get("err", float("nan")),
-                   "val_err_top5": val.get("err_top5", float("nan")), "lr": lr,
-                   "images_per_sec": timed_images / train_time, "epoch_time_s": time.perf_counter() - start}
-        state.history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, raw, optimizer, scheduler, epoch, cfg, run_id,
-                                state.history)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-        if tracker:
-            tracker.sync(state.history)
