@@ -42,8 +42,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from raysnet.config import DataConfig  # noqa: E402
-from raysnet.data import check_dataset, make_loaders, parse_args, prepare  # noqa: E402
+from raysnet.config import DataConfig
+from raysnet.data import check_dataset, make_loaders, prepare
+from raysnet.prepare import parse_args
 
 
 def generate(root: Path, images: int, classes: int, seed: int = 0) -> None:
@@ -115,7 +116,7 @@ def torchvision_loader(root: Path, batch_size: int, workers: int, mean: list[flo
                       persistent_workers=workers > 0)
 
 
-def main() -> None:
+def parse_flags() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, help="an ImageFolder of JPEGs (default: generate one in a temp dir)")
     p.add_argument("--images", type=int, default=500, help="how many JPEGs to generate")
@@ -125,47 +126,59 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader, after one warm-up epoch")
     p.add_argument("--storage", default="jpeg", help="raysnet.prepare storage= for the FFCV files")
     p.add_argument("--max-resolution", type=int, default=512)
-    args = p.parse_args()
+    return p.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="raysnet-bench-") as tmp:
-        tmp = Path(tmp)
-        if args.root:
-            src = as_imagefolder(args.root.expanduser().resolve(), tmp)
-        else:
-            src = tmp / "images"
-            print(f"generating {args.images} JPEGs in {src} ...", flush=True)
-            generate(src, args.images, args.classes)
-        out = tmp / "ffcv"
-        print(f"preparing {src} with raysnet.prepare (storage={args.storage}) ...", flush=True)
-        meta = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={out}", f"storage={args.storage}",
-                                   f"max_resolution={args.max_resolution}", f"workers={os.cpu_count()}"]))
-        n = meta["splits"]["train"]["samples"]
-        jpeg_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(src / "train", followlinks=True)
-                      for f in files) / 2**20
 
-        torch.set_num_threads(1)  # the main process only iterates; workers do the work
-        loaders = {"torchvision": torchvision_loader(src, args.batch_size, args.workers, meta["mean"], meta["std"])}
-        for aug in ("rrc", "scale"):
-            data = DataConfig(name="bench", root=str(out), train_aug=aug, crop=224, flip=True, colour=False,
-                              val_aug="center", loader_workers=args.workers, os_cache=True)
-            loaders[f"ffcv_{aug}"], _ = make_loaders(data, check_dataset(data), args.batch_size,
-                                                     device=torch.device("cpu"), seed=0, distributed=False,
-                                                     channels_last=True)
+def make_datasets(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, dict]:
+    """(the JPEG ImageFolder, raysnet's FFCV dataset made from it, its meta.json) under `tmp`."""
+    if args.root:
+        src = as_imagefolder(args.root.expanduser().resolve(), tmp)
+    else:
+        src = tmp / "images"
+        print(f"generating {args.images} JPEGs in {src} ...", flush=True)
+        generate(src, args.images, args.classes)
+    out = tmp / "ffcv"
+    print(f"preparing {src} with raysnet.prepare (storage={args.storage}) ...", flush=True)
+    meta = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={out}", f"storage={args.storage}",
+                               f"max_resolution={args.max_resolution}", f"workers={os.cpu_count()}"]))
+    return src, out, meta
+
+
+def make_all_loaders(args: argparse.Namespace, src: Path, out: Path, meta: dict) -> dict:
+    """torchvision's loader and raysnet's FFCV loader with each training augmentation, by name."""
+    loaders = {"torchvision": torchvision_loader(src, args.batch_size, args.workers, meta["mean"], meta["std"])}
+    for aug in ("rrc", "scale"):
+        data = DataConfig(name="bench", root=str(out), train_aug=aug, crop=224, flip=True, colour=False,
+                          val_aug="center", loader_workers=args.workers, os_cache=True)
+        loaders[f"ffcv_{aug}"], _ = make_loaders(data, check_dataset(data), args.batch_size,
+                                                 device=torch.device("cpu"), seed=0, distributed=False,
+                                                 channels_last=True)
+    return loaders
+
+
+def measure(loaders: dict, epochs: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(images/s, images per CPU-second) of every timed epoch, by loader, after one warm-up epoch each."""
+    for name, loader in loaders.items():
+        _, wall, _ = epoch(loader)
+        print(f"warm-up {name}: {wall:.1f} s", flush=True)
+    # Interleaved, so load from anything else on the machine hits all alike. CPU time is
+    # reported too: on a shared machine images per CPU-second is the steadier measure.
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    per_cpu: dict[str, list[float]] = {name: [] for name in loaders}
+    for e in range(epochs):
         for name, loader in loaders.items():
-            _, wall, _ = epoch(loader)
-            print(f"warm-up {name}: {wall:.1f} s", flush=True)
-        # Interleaved, so load from anything else on the machine hits all alike. CPU time is
-        # reported too: on a shared machine images per CPU-second is the steadier measure.
-        rates: dict[str, list[float]] = {name: [] for name in loaders}
-        per_cpu: dict[str, list[float]] = {name: [] for name in loaders}
-        for e in range(args.epochs):
-            for name, loader in loaders.items():
-                images, wall, cpu = epoch(loader)
-                rates[name].append(images / wall)
-                per_cpu[name].append(images / cpu)
-            print(f"epoch {e + 1}: " + ", ".join(f"{k} {rates[k][-1]:.0f} img/s ({per_cpu[k][-1]:.0f} img/cpu-s)"
-                                                 for k in loaders), flush=True)
+            images, wall, cpu = epoch(loader)
+            rates[name].append(images / wall)
+            per_cpu[name].append(images / cpu)
+        print(f"epoch {e + 1}: " + ", ".join(f"{k} {rates[k][-1]:.0f} img/s ({per_cpu[k][-1]:.0f} img/cpu-s)"
+                                             for k in loaders), flush=True)
+    return rates, per_cpu
 
+
+def summary(args: argparse.Namespace, meta: dict, jpeg_mb: float, rates: dict[str, list[float]],
+            per_cpu: dict[str, list[float]]) -> dict[str, object]:
+    """The last line's JSON object: median rates, their ratios, and what they were measured on."""
+    n = meta["splits"]["train"]["samples"]
     result: dict[str, object] = {k: round(statistics.median(v), 1) for k, v in rates.items()}
     result.update({
         "ratio_rrc": round(result["ffcv_rrc"] / result["torchvision"], 2),
@@ -179,7 +192,18 @@ def main() -> None:
     })
     pc = result["per_cpu_second"]
     result["ratio_rrc_per_cpu_second"] = round(pc["ffcv_rrc"] / pc["torchvision"], 2)
-    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    args = parse_flags()
+    with tempfile.TemporaryDirectory(prefix="raysnet-bench-") as tmp:
+        src, out, meta = make_datasets(args, Path(tmp))
+        jpeg_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(src / "train", followlinks=True)
+                      for f in files) / 2**20
+        torch.set_num_threads(1)  # the main process only iterates; workers do the work
+        rates, per_cpu = measure(make_all_loaders(args, src, out, meta), args.epochs)
+    print(json.dumps(summary(args, meta, jpeg_mb, rates, per_cpu)))
 
 
 if __name__ == "__main__":
