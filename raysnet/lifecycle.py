@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from raysnet import checkpoint, tracking  # noqa: E402
+from raysnet import checkpoint, storage, tracking  # noqa: E402
 from raysnet.config import Config, flatten, from_dict, to_dict, to_yaml  # noqa: E402
 from raysnet.errors import UsageError  # noqa: E402
 
@@ -41,35 +41,44 @@ RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
 
 def finalize(cfg: Config) -> Config:
     """Fill in what 'empty' means, so the recorded config is the one that ran."""
-    storage = cfg.run.storage if "://" in cfg.run.storage else str(Path(cfg.run.storage).expanduser().resolve())
-    if RAY_WORKING_DIR in storage:
-        print(f"warning: run.storage={storage} is inside the job's temporary copy of its working directory, "
+    where = cfg.run.storage if storage.is_uri(cfg.run.storage) else str(Path(cfg.run.storage).expanduser().resolve())
+    if RAY_WORKING_DIR in where:
+        print(f"warning: run.storage={where} is inside the job's temporary copy of its working directory, "
               "which Ray deletes; pass an absolute run.storage (e.g. run.storage=$PWD/outputs) to keep the "
               "checkpoints and the MLflow store.", file=sys.stderr, flush=True)
+    uri = tracking.resolve_uri(cfg.tracking.uri, where)
+    if storage.is_uri(where) and not uri.startswith(("http://", "https://")):
+        raise UsageError(f"run.storage={where} is object storage, where MLflow's local SQLite store cannot live: "
+                         "give a tracking server as tracking.uri=http://... (or set MLFLOW_TRACKING_URI).")
     name = cfg.run.name or f"{cfg.arch}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, storage=storage, name=name),
-        tracking=dataclasses.replace(cfg.tracking, uri=tracking.resolve_uri(cfg.tracking.uri, storage),
+        cfg, run=dataclasses.replace(cfg.run, storage=where, name=name),
+        tracking=dataclasses.replace(cfg.tracking, uri=uri,
                                      experiment=cfg.tracking.experiment or f"raysnet-{cfg.data.name}"))
 
 
 def check_resume(cfg: Config) -> bool:
-    """A rerun with the same run.name resumes, but only the same computation. -> True when resuming."""
-    if "://" in cfg.run.storage:
-        return False  # remote storage: Ray Train itself finds the run's checkpoints there
-    path = Path(cfg.run.storage) / cfg.run.name / CONFIG_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(to_yaml(cfg))
-        tmp.replace(path)
+    """A rerun with the same run.name resumes, but only the same computation. -> True when resuming.
+    The run's config is kept beside its checkpoints (a local directory or object storage alike);
+    writing it first is also the check that run.storage takes writes."""
+    filesystem, root = storage.open_uri(cfg.run.storage, "run.storage")
+    path = f"{root}/{cfg.run.name}/{CONFIG_FILE}"
+    try:
+        with filesystem.open_input_stream(path) as f:
+            saved = flatten(from_dict(OmegaConf.create(f.read().decode())))
+    except FileNotFoundError:
+        storage.write_text(filesystem, path, to_yaml(cfg), f"run.storage={cfg.run.storage}")
         return False
-    saved, now = flatten(from_dict(OmegaConf.load(path))), flatten(cfg)
+    except OSError as e:
+        raise UsageError(f"cannot read run.storage={cfg.run.storage} ({str(e).splitlines()[0]}). Check that it "
+                         "exists and that this machine has a route to it and permission to read.") from None
+    now = flatten(cfg)
     changed = sorted(k for k, v in now.items() if k not in RESUMABLE_KEYS and saved.get(k) != v)
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise UsageError(f"run.name={cfg.run.name} already exists in {path.parent} with a different config "
-                         f"({diffs}). Rerun with the same settings to resume it, or choose a new run.name.")
+        raise UsageError(f"run.name={cfg.run.name} already exists in {cfg.run.storage}/{cfg.run.name} with a "
+                         f"different config ({diffs}). Rerun with the same settings to resume it, or choose a "
+                         "new run.name.")
     return True
 
 

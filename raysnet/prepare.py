@@ -29,7 +29,8 @@ def run(args: list[str]) -> int:
         return 0
     cfg = parse_args(args)
     meta = prepare(cfg)
-    print(summary(meta, Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)))
+    out = cfg.out if "://" in cfg.out else Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)
+    print(summary(meta, out))
     return 0
 
 

@@ -50,14 +50,15 @@ def _fail(uri: str, reason: str) -> UsageError:
                       "has credentials and a route to the object store (AWS_* variables for s3://).")
 
 
-def open_uri(uri: str):
-    """(filesystem, path) of a URI; pyarrow picks the filesystem from the scheme."""
+def open_uri(uri: str, what: str = "data.root"):
+    """(filesystem, path) of a URI or a local path; pyarrow picks the filesystem from the scheme.
+    `what` names the setting the URI came from, for the error."""
     from pyarrow import fs
 
     try:
-        return fs.FileSystem.from_uri(uri.rstrip("/"))
+        return fs.FileSystem.from_uri(uri.rstrip("/") if is_uri(uri) else str(Path(uri).expanduser().resolve()))
     except (OSError, ValueError) as e:
-        raise _fail(uri, str(e).splitlines()[0]) from None
+        raise UsageError(f"{_node()} cannot open {what}={uri}: {str(e).splitlines()[0]}.") from None
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -183,3 +184,16 @@ def upload(local: Path, uri: str) -> None:
     except OSError as e:
         raise UsageError(f"cannot write the dataset to out={uri}: {str(e).splitlines()[0]}. Nothing was "
                          f"finished there: {META}, written last, is missing.") from None
+
+
+def write_text(filesystem, path: str, text: str, what: str) -> None:
+    """A small file written whole (a temporary name, then a move, where the filesystem has moves);
+    a refusal is the person's to fix: `what` names the setting that pointed here."""
+    try:
+        filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+        with filesystem.open_output_stream(path + ".tmp") as out:
+            out.write(text.encode())
+        filesystem.move(path + ".tmp", path)
+    except OSError as e:
+        raise UsageError(f"cannot write to {what} ({path}): {str(e).splitlines()[0]}. Check that it exists, "
+                         "that this machine has write permission there and a route to it.") from None

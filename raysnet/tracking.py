@@ -37,8 +37,9 @@ STATUS_STOPPED = "KILLED"  # MLflow's status for a trial the scheduler stopped e
 
 
 def default_uri(storage: str) -> str:
-    # MLflow 3 deprecates the plain file store: SQLite beside the run's outputs.
-    return f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+    # MLflow 3 deprecates the plain file store: SQLite beside the run's outputs (object storage has
+    # no such place: the caller asks for a server then).
+    return "" if "://" in storage else f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
 
 
 def resolve_uri(uri: str, storage: str) -> str:

@@ -120,3 +120,23 @@ def test_a_missing_dataset_names_the_node_and_the_uri(s3, tmp_path, monkeypatch)
     text = str(e.value)
     assert "s3://data/missing" in text and "meta.json is missing" in text and socket.gethostname() in text
     assert not storage.exists("s3://data/missing")
+
+
+def test_prepare_writes_to_object_storage_and_training_reads_it_back(s3, tmp_path, monkeypatch):
+    """`raysnet.prepare out=s3://...`, the driver's check of data.root=s3://..., a worker's local copy."""
+    from raysnet.config import DataConfig
+    from raysnet.data import check_dataset, local_copy, prepare
+    from raysnet.data.prepare import PrepareConfig
+
+    monkeypatch.setenv("RAYSNET_CACHE", str(tmp_path / "cache"))
+    meta = prepare(PrepareConfig(source="digits", out="s3://data/digits", progress=False))
+    assert set(meta["files"]) == {"train.beton", "val.beton"}
+    with pytest.raises(UsageError, match="already exists at out=s3://data/digits"):
+        prepare(PrepareConfig(source="digits", out="s3://data/digits", progress=False))
+    data = DataConfig(name="digits", root="s3://data/digits")
+    assert check_dataset(data, num_classes=10)["classes"] == meta["classes"]
+    local = local_copy(data)
+    assert local.root == str(storage.cache_dir("s3://data/digits"))
+    assert check_dataset(local, num_classes=10)["files"] == meta["files"]  # FFCV's headers, sizes: the real files
+    with pytest.raises(UsageError, match="s3://data/nothing"):
+        check_dataset(DataConfig(name="digits", root="s3://data/nothing"))

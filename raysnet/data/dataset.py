@@ -7,6 +7,7 @@ meta.json are checked here first, and every problem is one paragraph naming the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
+from raysnet import storage
 from raysnet.config import DataConfig, data_root
 from raysnet.data.writer import BETON, META, META_FORMAT, out_is_free
 from raysnet.errors import UsageError
@@ -97,7 +99,10 @@ def read_beton_header(path: Path) -> dict[str, Any]:
 
 
 def check_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str, Any]:
-    """The meta.json of `data`'s directory, after checking every file against it."""
+    """The meta.json of `data`'s directory, after checking every file against it (on object
+    storage: that every file is there with its recorded size)."""
+    if storage.is_uri(data.root):
+        return _check_classes(storage.read_meta(data.root), data.root, num_classes)
     root = dataset_dir(data)
     if not root.is_dir():
         raise UsageError(f"dataset directory '{root}' does not exist. Create it with: {prepare_command(data)}")
@@ -118,10 +123,22 @@ def check_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str,
         if found["samples"] != expected["samples"]:
             raise UsageError(f"dataset file '{path}' holds {found['samples']} samples, {META} says "
                              f"{expected['samples']}. {_redo(data)}")
+    return _check_classes(meta, root, num_classes)
+
+
+def _check_classes(meta: dict[str, Any], root: Path | str, num_classes: int | None) -> dict[str, Any]:
     if num_classes is not None and num_classes != len(meta["classes"]):
         raise UsageError(f"dataset '{root}' has {len(meta['classes'])} classes but the model has {num_classes} "
                          "outputs; pick the dataset the model was made for, or let the model follow the dataset.")
     return meta
+
+
+def local_copy(data: DataConfig) -> DataConfig:
+    """`data` as FFCV reads it on this node: a dataset on object storage is fetched into the
+    node's cache once (raysnet.storage.fetch) and read from there."""
+    if not storage.is_uri(data.root):
+        return data
+    return dataclasses.replace(data, root=str(storage.fetch(data.root)))
 
 
 def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str, Any]:
@@ -130,6 +147,8 @@ def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str
 
     Anything else that is missing is an error that gives the command to create it.
     """
+    if storage.is_uri(data.root):
+        return check_dataset(data, num_classes)  # never prepared on first use: `raysnet.prepare out=URI` writes it
     root = dataset_dir(data)
     if out_is_free(root) and data.auto_prepare and (data.name == "digits" or data.source):
         from raysnet.data.prepare import PrepareConfig, prepare

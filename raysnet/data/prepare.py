@@ -28,6 +28,7 @@ from typing import Any, Literal, Optional
 
 from omegaconf import MISSING
 
+from raysnet import storage
 from raysnet.config import DataConfig, data_root
 from raysnet.data import sources
 from raysnet.data.writer import WriteSettings, out_is_free, write_dataset
@@ -110,8 +111,11 @@ def load_source(cfg: PrepareConfig, root: Path | None = None) -> sources.Source:
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Read the source, write the dataset directory atomically, return its meta.json contents."""
+    """Read the source, write the dataset directory atomically, return its meta.json contents.
+    `out` may be a URI (s3://...): the dataset is written locally, then uploaded, meta.json last."""
     _validate(cfg)
+    if storage.is_uri(cfg.out):
+        return _prepare_remote(cfg)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)
     if not out_is_free(out) and not cfg.overwrite:  # say so before minutes of reading the source
         raise UsageError(f"output directory '{out}' already exists and is not empty; nothing was changed. Pass "
@@ -121,10 +125,20 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         source = load_source(cfg, tree)
         if tree is not None and tree != given:
             source.info["archive"] = str(given.resolve())
-        storage = source.storage if cfg.storage == "auto" else cfg.storage
-        settings = WriteSettings(storage, cfg.max_resolution or None, cfg.jpeg_quality, cfg.compress_probability,
+        kind = source.storage if cfg.storage == "auto" else cfg.storage
+        settings = WriteSettings(kind, cfg.max_resolution or None, cfg.jpeg_quality, cfg.compress_probability,
                                  cfg.smart_threshold, cfg.workers, cfg.progress)
         return write_dataset(source, out, settings, overwrite=cfg.overwrite)
+
+
+def _prepare_remote(cfg: PrepareConfig) -> dict[str, Any]:
+    if storage.exists(cfg.out) and not cfg.overwrite:
+        raise UsageError(f"a dataset already exists at out={cfg.out}; nothing was changed. Pass overwrite=true to "
+                         "replace it, or choose another out=URI.")
+    with tempfile.TemporaryDirectory(prefix="raysnet-prepare-") as tmp:
+        meta = prepare(dataclasses.replace(cfg, out=str(Path(tmp) / "dataset")))
+        storage.upload(Path(tmp) / "dataset", cfg.out)
+    return meta
 
 
 def summary(meta: dict[str, Any], out: Path | str) -> str:

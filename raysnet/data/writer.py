@@ -27,6 +27,7 @@ from tqdm import tqdm
 import raysnet
 from raysnet.data.sources import Source, Split
 from raysnet.errors import UsageError
+from raysnet.storage import file_digests
 
 META = "meta.json"
 BETON = {"train": "train.beton", "val": "val.beton"}
@@ -193,6 +194,8 @@ def write_dataset(source: Source, out: Path, w: WriteSettings, overwrite: bool =
                                                                           source.splits.items()},
                       "workers": w.workers, "seconds": round(time.time() - started, 1), "ffcv": ffcv.__version__},
         }
+        # Sizes and digests: how a node's copy of a dataset on object storage is verified (raysnet.storage).
+        meta["files"] = file_digests(tmp)
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=1)
         tmp.chmod(0o755)  # mkdtemp makes it private
