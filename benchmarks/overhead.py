@@ -56,9 +56,9 @@ def raysnet_worker(cfg) -> float:
     """images/s reported by raysnet's own worker (1 Ray Train worker), epochs after the first."""
     from mlflow import MlflowClient
 
-    from raysnet.train.driver import train
+    from raysnet.lifecycle import run_one
 
-    assert train(cfg) == 0
+    assert run_one(cfg) == 0
     client = MlflowClient(f"sqlite:///{cfg.run.storage}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name(f"raysnet-{cfg.data.name}").experiment_id])[0]
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "images_per_sec"))

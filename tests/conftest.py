@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Ray 2.60 swaps 127.0.0.1 for the routable address unless this is set; it must precede `import ray`.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -41,20 +42,21 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def sweep_digits(tmp_path_factory) -> str:
-    """The embedded digits, prepared once for the sweep, report and analysis tests."""
+def digits(tmp_path_factory) -> Path:
+    """The embedded digits, prepared once for the whole session as training does it (on first use).
+    Every test file reads this one directory; a test that damages a dataset copies it first."""
     from raysnet.config import load_config
     from raysnet.data import ensure_dataset
 
-    root = str(tmp_path_factory.mktemp("sweepdata") / "digits")
+    root = tmp_path_factory.mktemp("data") / "digits"
     ensure_dataset(load_config([f"data.root={root}"]).data)
     return root
 
 
 @pytest.fixture(scope="session")
-def smoke_sweep(tmp_path_factory, sweep_digits):
+def smoke_sweep(tmp_path_factory, digits):
     """plain20 vs resnet20 on digits through `python -m raysnet.tune`, killed after its first trial
     and run again to the end (see tests/sweep_helpers.py)."""
     from sweep_helpers import interrupted_sweep
 
-    return interrupted_sweep(tmp_path_factory.mktemp("sweep"), sweep_digits)
+    return interrupted_sweep(tmp_path_factory.mktemp("sweep"), str(digits))

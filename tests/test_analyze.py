@@ -81,7 +81,7 @@ def _checkpoint(tmp_path: Path, root: str, arch: str = "plain20") -> Path:
     return path
 
 
-def test_analyze_a_checkpoint_on_the_validation_set(tmp_path, sweep_digits):
+def test_analyze_a_checkpoint_on_the_validation_set(tmp_path, digits):
     """`python -m raysnet.analyze` (its entry point, in this process): a run directory's latest
     checkpoint, the data.root override, JSON out; the numbers are the statistic on the same batches."""
     from raysnet.analyze import run, validation_batches
@@ -89,7 +89,7 @@ def test_analyze_a_checkpoint_on_the_validation_set(tmp_path, sweep_digits):
     path = _checkpoint(tmp_path, "/nonexistent")  # the data.root override wins over the checkpoint's
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit) as done:
-        cli.main(run, [f"checkpoint={tmp_path / 'run'}", f"data.root={sweep_digits}", "batches=2", "batch=100",
+        cli.main(run, [f"checkpoint={tmp_path / 'run'}", f"data.root={digits}", "batches=2", "batch=100",
                        f"out={out}"])
     assert done.value.code == 0
     result = json.loads(out.read_text())
@@ -97,7 +97,7 @@ def test_analyze_a_checkpoint_on_the_validation_set(tmp_path, sweep_digits):
     assert result["images"] == 200 and len(result["std"]) == len(result["layers"]) == 18
     loaded = load_model(path)
     model, cfg = loaded.model, loaded.config
-    batches = [b.clone() for b in validation_batches(cfg, sweep_digits, 100, 2)]
+    batches = [b.clone() for b in validation_batches(cfg, digits, 100, 2)]
     assert result["std"] == pytest.approx([s for _, s in layer_stds(model, batches)], rel=1e-6)
 
 

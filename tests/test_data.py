@@ -85,19 +85,11 @@ def index_dataset(out: Path, n_train: int, n_val: int) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> Path:
-    """The embedded digits, prepared the way training does it: by ensure_dataset on first use."""
-    root = tmp_path_factory.mktemp("data") / "digits"
-    ensure_dataset(DataConfig(name="digits", root=str(root), auto_prepare=True))
-    return root
-
-
 # --- prepare -> load round trips -------------------------------------------------------------
 
 
-def test_digits_round_trip(digits_dir, capsys):
-    meta = check_dataset(DataConfig(name="digits", root=str(digits_dir)), num_classes=10)
+def test_digits_round_trip(digits, capsys):
+    meta = check_dataset(DataConfig(name="digits", root=str(digits)), num_classes=10)
     (train_x, train_y), (val_x, val_y) = digits_arrays()
     assert meta["classes"] == [str(d) for d in range(10)]
     assert (meta["splits"]["train"]["samples"], meta["splits"]["val"]["samples"]) == (1437, 360)
@@ -105,7 +97,7 @@ def test_digits_round_trip(digits_dir, capsys):
     assert np.allclose(meta["mean"], train_x.reshape(-1, 3).mean(0), atol=1e-3)
     assert meta["write"]["write_mode"] == "raw"
 
-    train, val = loaders(digits_dir, meta, train_aug="cifar", pad=0, flip=False, val_aug="original")
+    train, val = loaders(digits, meta, train_aug="cifar", pad=0, flip=False, val_aug="original")
     images, labels = collect(val)  # sequential: stored order, every pixel as prepared
     assert np.array_equal(images, val_x) and np.array_equal(labels, val_y)
     images, labels = collect(train)  # shuffled: the same set
@@ -114,13 +106,13 @@ def test_digits_round_trip(digits_dir, capsys):
     assert np.array_equal(images[order], train_x[expected]) and np.array_equal(labels[order], train_y[expected])
 
     # A second ensure_dataset finds it and prepares nothing.
-    ensure_dataset(DataConfig(name="digits", root=str(digits_dir), auto_prepare=True))
+    ensure_dataset(DataConfig(name="digits", root=str(digits), auto_prepare=True))
     assert "preparing" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("os_cache", [True, False])  # RANDOM, and QUASI_RANDOM for datasets beyond RAM
-def test_order_depends_on_seed_and_epoch_only(digits_dir, os_cache):
-    data = DataConfig(name="digits", root=str(digits_dir), os_cache=os_cache, loader_workers=1)
+def test_order_depends_on_seed_and_epoch_only(digits, os_cache):
+    data = DataConfig(name="digits", root=str(digits), os_cache=os_cache, loader_workers=1)
     meta = check_dataset(data)
 
     def labels(loader) -> list[int]:
@@ -139,17 +131,17 @@ def test_order_depends_on_seed_and_epoch_only(digits_dir, os_cache):
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_device_normalisation_path_matches_cpu_path(digits_dir, channels_last):
+def test_device_normalisation_path_matches_cpu_path(digits, channels_last):
     """The CUDA branch (uint8 to the device, then normalise there), run on the CPU."""
     from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.loader import Loader
 
     from raysnet.data.loaders import label_pipeline, to_batch
 
-    meta = check_dataset(DataConfig(root=str(digits_dir)))
+    meta = check_dataset(DataConfig(root=str(digits)))
     batches = {}
     for on_device in (False, True):
-        loader = Loader(str(digits_dir / "val.beton"), batch_size=100, num_workers=1, drop_last=False,
+        loader = Loader(str(digits / "val.beton"), batch_size=100, num_workers=1, drop_last=False,
                         pipelines={"image": [SimpleRGBImageDecoder()] + to_batch(meta, CPU, channels_last, on_device),
                                    "label": label_pipeline(CPU)})
         batches[on_device] = [(x.clone(), y.clone()) for x, y in loader]
@@ -391,9 +383,9 @@ def test_interrupted_write_leaves_no_final_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
-def test_truncated_beton_is_a_clear_error(digits_dir, tmp_path, capsys):
+def test_truncated_beton_is_a_clear_error(digits, tmp_path, capsys):
     root = tmp_path / "digits"
-    shutil.copytree(digits_dir, root)
+    shutil.copytree(digits, root)
     beton = root / "train.beton"
     data = DataConfig(name="digits", root=str(root))
     with open(beton, "r+b") as f:
@@ -413,9 +405,9 @@ def test_truncated_beton_is_a_clear_error(digits_dir, tmp_path, capsys):
         read_beton_header(beton)
 
 
-def test_dataset_checks(digits_dir, tmp_path):
+def test_dataset_checks(digits, tmp_path):
     with pytest.raises(UsageError, match="10 classes but the model has 100"):
-        check_dataset(DataConfig(root=str(digits_dir)), num_classes=100)
+        check_dataset(DataConfig(root=str(digits)), num_classes=100)
     missing = DataConfig(name="cifar10", root=str(tmp_path / "nowhere"), auto_prepare=True)
     with pytest.raises(UsageError) as e:
         ensure_dataset(missing)
@@ -460,9 +452,9 @@ def test_cli_exit_status(tmp_path):
 # --- steps per epoch: what the worker and the run driver count ---------------------------------
 
 
-def test_steps_per_epoch_is_the_train_loaders_length(digits_dir):
+def test_steps_per_epoch_is_the_train_loaders_length(digits):
     """One worker: the FFCV train loader as the worker builds it (drop_last, not distributed)."""
-    data = DataConfig(name="digits", root=str(digits_dir), loader_workers=1)
+    data = DataConfig(name="digits", root=str(digits), loader_workers=1)
     meta = check_dataset(data)
     samples = meta["splits"]["train"]["samples"]
     for batch_size in (64, 100):  # 1437 = 22 x 64 + 29 = 14 x 100 + 37: both drop a partial batch
@@ -518,6 +510,7 @@ def _record_shards(config: dict) -> None:
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.e2e
 def test_two_ray_workers_see_disjoint_shards(ray_local, tmp_path):
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig

@@ -47,16 +47,14 @@ def test_a_torchvision_state_dict_evaluates_as_the_v15_b_variant(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, digits) -> Path:
     """A raysnet checkpoint of an untrained ResNet-20 over the prepared digits."""
     from raysnet.checkpoint import save
-    from raysnet.data import ensure_dataset
     from raysnet.models import build_model
     from raysnet.train.worker import make_optimizer
 
     tmp = tmp_path_factory.mktemp("eval")
-    cfg = load_config([f"data.root={tmp / 'digits'}"])
-    ensure_dataset(cfg.data)
+    cfg = load_config([f"data.root={digits}"])
     model = build_model("resnet20")
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

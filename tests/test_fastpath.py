@@ -25,15 +25,6 @@ FFCV_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 4
 PRESETS = [f"imagenet-fast-{n}" for n in FFCV_RAMPS]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    from raysnet.data import ensure_dataset
-
-    root = str(tmp_path_factory.mktemp("fastdata") / "digits")
-    ensure_dataset(load_config([f"data.root={root}"]).data)
-    return root
-
-
 # --- switches
 
 def test_ddp_static_graph_is_on_by_default_and_reaches_ddp(tmp_path):
@@ -190,12 +181,13 @@ SMOKE = ["arch=resnet20", "epochs=1", "batch_size=64", "run.max_steps=2", "track
     ("imagenet-fast-16", 1), ("imagenet-fast-88", 2),
     *[pytest.param(n, 1, marks=pytest.mark.slow) for n in PRESETS if n not in ("imagenet-fast-16", "imagenet-fast-88")],
 ])
+@pytest.mark.e2e
 def test_fast_preset_smoke_run_through_the_driver(ray_local, tmp_path, digits, name, workers):
-    from raysnet.train.driver import train
+    from raysnet.lifecycle import run_one
 
     cfg = load_config([f"recipe={name}", *SMOKE, f"run.workers={workers}", f"data.root={digits}",
                        f"run.storage={tmp_path}", f"run.name={name}"])
-    assert train(cfg) == 0
+    assert run_one(cfg) == 0
     ckpt = torch.load(max((tmp_path / name).glob("checkpoint_*/checkpoint.pt")), weights_only=False)
     last = ckpt["history"][-1]
     assert last["epoch"] == 0 and math.isfinite(last["val_err"]) and last["images_per_sec"] > 0

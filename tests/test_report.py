@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from raysnet import paper
 from raysnet.report import RunInfo, plot_curves, render_table, table_of, table_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,13 +58,6 @@ def test_imagenet_runs_land_in_the_papers_tables():
     assert cells["resnet50-C"][6:8] == ["", ""]
 
 
-def test_the_papers_numbers():
-    assert paper.reported("2", "resnet34", "A").top1 == 25.03 and paper.reported("2", "resnet34", "B") is None
-    assert paper.reported("3", "resnet152", "B").top5 == 5.71
-    assert paper.reported("4", "resnet152", "B").top1 == 19.38
-    assert paper.reported("6", "resnet110", "A").top1 == 6.43 and paper.reported("6", "plain20", "none") is None
-
-
 def test_curves_figure_without_mlflow(tmp_path):
     runs = [_fake("plain18", "none", 30.0, 11.0), _fake("plain34", "none", 31.0, 12.0),
             _fake("resnet18", "A", 28.0, 9.0), _fake("resnet34", "A", 26.0, 8.0)]
@@ -73,6 +65,7 @@ def test_curves_figure_without_mlflow(tmp_path):
     assert path.stat().st_size > 10_000
 
 
+@pytest.mark.e2e
 def test_report_of_the_smoke_sweep(smoke_sweep, tmp_path):
     import mlflow
     from mlflow import MlflowClient
@@ -119,6 +112,7 @@ def test_report_of_the_smoke_sweep(smoke_sweep, tmp_path):
 
 
 
+@pytest.mark.e2e
 def test_report_refuses_to_overwrite_and_names_experiments(smoke_sweep, tmp_path, capsys):
     from raysnet import cli
     from raysnet.report import run

@@ -31,12 +31,13 @@ def test_the_study_is_the_papers_degradation_comparison():
         assert c.data.source == "../shared/data/cifar10-jpg.tar.gz" and c.data.auto_prepare
 
 
-def test_the_study_runs_on_digits_through_tune_and_report(tmp_path, sweep_digits):
+@pytest.mark.e2e
+def test_the_study_runs_on_digits_through_tune_and_report(tmp_path, digits):
     from sweep_helpers import child_runs, tune_cli
 
     storage = tmp_path / "out"
     uri = f"sqlite:///{storage / 'mlflow.db'}"
-    tuned = tune_cli(STUDY, ["data=digits", f"data.root={sweep_digits}", "epochs=1", f"run.storage={storage}",
+    tuned = tune_cli(STUDY, ["data=digits", f"data.root={digits}", "epochs=1", f"run.storage={storage}",
                              "tracking.log_model=false"], timeout=900)
     assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
     runs = child_runs(uri, "degradation-cifar-cpu")

@@ -22,16 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = ["arch=resnet20", "batch_size=64", "run.workers=2", "tracking.log_model=false"]
 
 
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory) -> str:
-    """The embedded dataset, prepared once for every test here."""
-    from raysnet.data import ensure_dataset
-
-    root = str(tmp_path_factory.mktemp("data") / "digits")
-    ensure_dataset(load_config([f"data.root={root}"]).data)
-    return root
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,15 +46,13 @@ def wait_until_up(url: str, seconds: float) -> None:
 
 def history(uri: str, run_name: str, experiment: str = "raysnet-digits") -> dict[str, list]:
     """metric -> [(step, value)] of the one MLflow run named `run_name`."""
-    from mlflow import MlflowClient
+    from raysnet import tracking
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`raysnet.run_name` = '{run_name}'")
+    mlflow = tracking.client(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}'")
     assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, k))
-            for k in ("train_loss", "train_err", "val_err", "val_err_top5", "lr", "images_per_sec",
-                      "epoch_time_s", "val_loss")}
+    return tracking.history(mlflow, runs[0].info.run_id)
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -72,10 +60,11 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits_root):
+@pytest.mark.e2e
+def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits):
     from raysnet.lifecycle import run_one
 
-    cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
+    cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
                        "tracking.log_model=true"])
     assert run_one(cfg) == 0
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -102,7 +91,8 @@ def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits_root):
     assert {"config.yaml", "checkpoint"} <= artifacts
 
 
-def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
+@pytest.mark.e2e
+def test_records_to_an_mlflow_server(ray_local, tmp_path, digits):
     from raysnet.lifecycle import run_one
 
     port = free_port()
@@ -114,7 +104,7 @@ def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
     try:
         uri = f"http://127.0.0.1:{port}"
         wait_until_up(uri + "/health", 180)  # it migrates its new SQLite store first: slow on 2 busy cores
-        cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=srv",
+        cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=srv",
                            "epochs=2", f"tracking.uri={uri}"])
         assert run_one(cfg) == 0
         h = history(uri, "srv")
@@ -124,21 +114,22 @@ def test_records_to_an_mlflow_server(ray_local, tmp_path, digits_root):
         server.wait(30)
 
 
-def test_unreachable_tracking_server_fails_fast(tmp_path, digits_root):
+def test_unreachable_tracking_server_fails_fast(tmp_path, digits):
     start = time.time()
-    out = cli(f"data.root={digits_root}", f"run.storage={tmp_path}", f"tracking.uri=http://127.0.0.1:{free_port()}")
+    out = cli(f"data.root={digits}", f"run.storage={tmp_path}", f"tracking.uri=http://127.0.0.1:{free_port()}")
     assert out.returncode == 2, out.stderr
     assert "unreachable" in out.stderr and "tracking.uri" in out.stderr and "Traceback" not in out.stderr
     assert time.time() - start < 60
     assert not (tmp_path / "mlflow.db").exists()  # nothing started, nothing written
 
 
-def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_local, tmp_path, digits_root):
+@pytest.mark.e2e
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_local, tmp_path, digits):
     from raysnet.lifecycle import run_one
 
-    steps = json.loads((Path(digits_root) / "meta.json").read_text())["splits"]["train"]["samples"] // 64
+    steps = json.loads((Path(digits) / "meta.json").read_text())["splits"]["train"]["samples"] // 64
     # Epoch 0 trains at lr 1e30 * 1e-31 = 0.1 (warm-up); epoch 1 at 1e30 overflows.
-    cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3",
+    cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3",
                        "optim.lr=1e30", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31"])
     assert run_one(cfg) == 1
     ckpts = sorted((tmp_path / "nan").glob("checkpoint_*/checkpoint.pt"))
@@ -152,12 +143,13 @@ def _train_workers() -> list:
             if "RayTrainWorker" in " ".join(p.cmdline()) and "train_fn" not in p.name()]
 
 
-def test_survives_a_killed_worker(ray_local, tmp_path, digits_root):
+@pytest.mark.e2e
+def test_survives_a_killed_worker(ray_local, tmp_path, digits):
     """Kill one training worker after the first checkpoint: the run resumes and finishes every epoch,
     and MLflow holds each epoch exactly once."""
     from raysnet.lifecycle import run_one
 
-    cfg = load_config([*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=ft", "epochs=4",
+    cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=ft", "epochs=4",
                        "run.max_failures=2"])
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", run_one(cfg)))
@@ -174,8 +166,9 @@ def test_survives_a_killed_worker(ray_local, tmp_path, digits_root):
     assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
 
 
-def test_resumes_after_the_driver_is_killed(tmp_path, digits_root):
-    args = [*FAST, f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=again", "epochs=4"]
+@pytest.mark.e2e
+def test_resumes_after_the_driver_is_killed(tmp_path, digits):
+    args = [*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=again", "epochs=4"]
     env = {**os.environ, "RAY_TMPDIR": "/tmp"}
     driver = subprocess.Popen([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -194,17 +187,18 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits_root):
     assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
 
 
-def test_a_changed_config_does_not_resume_silently(tmp_path, digits_root):
+def test_a_changed_config_does_not_resume_silently(tmp_path, digits):
     (tmp_path / "x").mkdir()
     from raysnet.config import to_yaml
 
     (tmp_path / "x" / "raysnet-config.yaml").write_text(
-        to_yaml(load_config([f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=x", "epochs=9"])))
-    out = cli(f"data.root={digits_root}", f"run.storage={tmp_path}", "run.name=x", "epochs=3")
+        to_yaml(load_config([f"data.root={digits}", f"run.storage={tmp_path}", "run.name=x", "epochs=9"])))
+    out = cli(f"data.root={digits}", f"run.storage={tmp_path}", "run.name=x", "epochs=3")
     assert out.returncode == 2 and "epochs" in out.stderr and "different config" in out.stderr
 
 
-def test_ray_job_submit(tmp_path, digits_root):
+@pytest.mark.e2e
+def test_ray_job_submit(tmp_path, digits):
     """`ray job submit --working-dir . -- python -m raysnet.train` against `ray start --head` on 127.0.0.1."""
     port, dash = free_port(), free_port()
     # Token authentication on, with a token of this test's own (not the shared ~/.ray/auth_token).
@@ -226,7 +220,7 @@ def test_ray_job_submit(tmp_path, digits_root):
         for _ in range(30):  # the dashboard answers before its job agent is up
             out = subprocess.run(
                 ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-                 "python", "-m", "raysnet.train", *FAST, "epochs=1", f"data.root={digits_root}",
+                 "python", "-m", "raysnet.train", *FAST, "epochs=1", f"data.root={digits}",
                  f"run.storage={tmp_path}", "run.name=job"],
                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in out.stderr:

@@ -104,6 +104,7 @@ def test_cli_rejects_a_bad_sweep_before_anything_starts(tmp_path):
 
 # --- a real sweep, interrupted and resumed (tests/sweep_helpers.py) ---------------------------------
 
+@pytest.mark.e2e
 def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
     from mlflow import MlflowClient
 
@@ -133,6 +134,7 @@ def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
     assert parent.data.tags["best.run_name"] in {r.info.run_name for r in children if r.data.metrics["val_err"] == best}
 
 
+@pytest.mark.e2e
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(smoke_sweep):
     from mlflow import MlflowClient
     from sweep_helpers import child_runs, histories

@@ -221,9 +221,9 @@ def _seed_and_device(cfg: Config, rank: int) -> torch.device:
 
 def _loaders(cfg: Config, meta: dict[str, Any], world: int, device: torch.device):
     """(train, val) FFCV loaders; each worker gets its shard of the global batch."""
-    from raysnet.data import make_loaders
+    from raysnet.data import local_copy, make_loaders
 
-    data = cfg.data
+    data = local_copy(cfg.data)  # data.root on object storage: this node's copy, fetched once
     if device.type == "cpu":
         # FFCV sets torch's (process-wide) thread count to its decoding threads, so on a CPU the two
         # are one knob: size it to the CPUs Ray gave this worker, or workers oversubscribe the cores.
