@@ -8,6 +8,9 @@
 - Core kinds validate strictly against the Kubernetes schemas of `kubernetes-validate`.
 - cluster/*.yaml validate as `ray up` checks them: Ray's prepare_config + validate_config
   (ray/autoscaler/ray-schema.json).
+- Ray token authentication: every Ray container (head, worker groups, autoscaler, RayJob submitter)
+  takes RAY_AUTH_TOKEN from the user's Secret; every `ray up` node starts Ray with the token file it
+  fetched from the cloud's secret manager; every documented `ray job submit` passes the token.
 - Consistency: entrypoints are valid raysnet configs whose GPUs fit the worker group, one image
   reference everywhere, no credentials, ClusterIP only, non-root pods, network policies that
   admit what they should and nothing else.
@@ -44,6 +47,12 @@ K8S_VERSIONS = ("1.30", "latest")
 # Where the Ray pods mount the two shared volumes (k8s/rayjob/rayjob.yaml).
 MOUNTS = {"raysnet-data": "/data", "raysnet-storage": "/storage"}
 RAYSNET_IMAGE_RE = re.compile(r"ghcr\.io/raysnet/raysnet:[^\s\"'`)]+")
+# Ray 2.60 token authentication. KubeRay: the Secret the user creates, which every Ray container
+# takes RAY_AUTH_TOKEN from (k8s/README.md). `ray up`: where each node puts the token it fetched
+# from the cloud's secret manager at start, and the secret's name there (cluster/README.md).
+AUTH_SECRET = {"name": "raysnet-ray-auth", "key": "auth_token"}
+TOKEN_PATH = "/run/raysnet/auth_token"
+CLOUD_SECRETS = {"aws": "raysnet/ray-auth-token", "gcp": "raysnet-ray-auth-token"}
 
 
 # --- tools ------------------------------------------------------------------------------------
@@ -345,6 +354,170 @@ def test_cluster_placeholders_are_documented():
     for name in CLUSTER_CONFIGS:
         for placeholder in set(re.findall(r"CHANGE_ME_\w+", (CLUSTER / name).read_text())):
             assert placeholder in readme, f"{placeholder} ({name}) is not explained in cluster/README.md"
+
+
+# --- Ray token authentication ------------------------------------------------------------------
+
+def auth_problems(obj: dict) -> list[str]:
+    """What keeps a Ray object from running every container with the token from AUTH_SECRET: head,
+    each worker group, the autoscaler and the RayJob's submitter each need RAY_AUTH_MODE=token and
+    RAY_AUTH_TOKEN from exactly that secretKeyRef (not a value, not optional), and the operator
+    needs authOptions naming the same Secret (it authenticates its own dashboard calls only so)."""
+    problems = []
+    for where, c in containers(obj):
+        env = {e["name"]: e for e in c.get("env", [])}
+        if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+            problems.append(f"{where}: no RAY_AUTH_MODE=token")
+        token = env.get("RAY_AUTH_TOKEN", {})
+        if token.keys() != {"name", "valueFrom"} or token["valueFrom"] != {"secretKeyRef": AUTH_SECRET}:
+            problems.append(f"{where}: RAY_AUTH_TOKEN is not valueFrom.secretKeyRef {AUTH_SECRET}")
+    for spec in ray_cluster_specs(obj):
+        if spec.get("authOptions") != {"mode": "token", "secretName": AUTH_SECRET["name"]}:
+            problems.append(f"{obj['kind']}/{obj['metadata']['name']}: authOptions {spec.get('authOptions')}")
+    return problems
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_ray_container_takes_the_token_from_the_secret(name):
+    for obj in overlay(name):
+        if obj["kind"] not in RAY_KINDS:
+            continue
+        problems = auth_problems(obj)
+        assert not problems, f"overlay {name}:\n" + "\n".join(problems)
+        # The walk reached every kind of Ray container, so none was left unchecked.
+        (spec,) = ray_cluster_specs(obj)
+        wheres = " | ".join(where for where, _ in containers(obj))
+        expected = ["head container", *(f"{g['groupName']} container" for g in spec["workerGroupSpecs"]),
+                    "autoscaler", *(["submitter container"] if obj["kind"] == "RayJob" else [])]
+        assert all(e in wheres for e in expected), (expected, wheres)
+
+
+def test_token_check_is_sharp():
+    """auth_problems names each way a container can lose the token or take it from elsewhere."""
+    job = copy.deepcopy(next(o for o in overlay("imagenet-resnet101") if o["kind"] == "RayJob"))
+    assert not auth_problems(job)
+    spec = job["spec"]
+    spec["submitterPodTemplate"]["spec"]["containers"][0]["env"] = []
+    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    (token,) = [e for e in worker["env"] if e["name"] == "RAY_AUTH_TOKEN"]
+    token.pop("valueFrom")
+    token["value"] = "not-a-secret"
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    (mode,) = [e for e in head["env"] if e["name"] == "RAY_AUTH_MODE"]
+    mode["value"] = "disabled"
+    (token,) = [e for e in spec["rayClusterSpec"]["autoscalerOptions"]["env"] if e["name"] == "RAY_AUTH_TOKEN"]
+    token["valueFrom"]["secretKeyRef"] = {**AUTH_SECRET, "optional": True}
+    del spec["rayClusterSpec"]["authOptions"]
+    problems = "\n".join(auth_problems(job))
+    assert "submitter container ray-job-submitter: no RAY_AUTH_MODE" in problems
+    assert "submitter container ray-job-submitter: RAY_AUTH_TOKEN" in problems
+    assert "gpu-8x container ray-worker: RAY_AUTH_TOKEN" in problems
+    assert "head container ray-head: no RAY_AUTH_MODE" in problems
+    assert "autoscaler: RAY_AUTH_TOKEN" in problems
+    assert "authOptions None" in problems
+
+
+def test_k8s_readme_creates_the_token_secret():
+    readme = (K8S / "README.md").read_text().replace("\\\n", " ")
+    assert re.search(rf"kubectl -n raysnet create secret generic {AUTH_SECRET['name']}\s+"
+                     rf"--from-literal={AUTH_SECRET['key']}=\"\$\(openssl rand -hex 32\)\"", readme)
+
+
+def submit_commands(text: str) -> list[str]:
+    """What precedes each `ray job submit --address` (a command as typed, not a mention of one) on
+    its line, shell continuations joined."""
+    lines = re.sub(r"\\\n\s*", " ", text).splitlines()
+    return [line.split("ray job submit --address")[0] for line in lines if "ray job submit --address" in line]
+
+
+def test_every_documented_submit_passes_the_token():
+    """The deployment docs' `ray job submit` commands work as typed against a cluster with token
+    authentication: the token from the Secret or the secret manager, by reference, in front."""
+    by_reference = re.compile(r"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=(\.\.\.|\"\$\(.*("
+                              + "|".join(map(re.escape, [AUTH_SECRET["name"], *CLOUD_SECRETS.values()]))
+                              + r").*\)\")\s*\S*$")
+    docs = [CLUSTER / "README.md", K8S / "README.md", *K8S.rglob("*.yaml"), *CLUSTER.glob("*.yaml")]
+    found = 0
+    for path in docs:
+        for before in submit_commands(path.read_text()):
+            found += 1
+            assert by_reference.search(before), f"{path.relative_to(REPO)}: `{before}ray job submit`"
+    assert found >= 4
+
+
+def ray_start_env(command: str) -> list[dict[str, str]]:
+    """For each `ray start` in a shell command, the variables assigned in front of it."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
+    found = []
+    for i in range(len(words) - 1):
+        if words[i:i + 2] == ["ray", "start"]:
+            j = i
+            while j > 0 and re.fullmatch(r"[A-Za-z_]\w*=.*", words[j - 1]):
+                j -= 1
+            found.append(dict(w.split("=", 1) for w in words[j:i]))
+    return found
+
+
+def test_ray_start_env_reads_the_assignments():
+    cmd = """IP=$(python -c 'import a; print(1)') && MLFLOW_TRACKING_URI="http://$IP:5000" X=1 ray start --head"""
+    assert ray_start_env(cmd) == [{"MLFLOW_TRACKING_URI": "http://$IP:5000", "X": "1"}]
+    assert ray_start_env("RAY_AUTH_MODE=token && ray start --address=h:6379") == [{}]
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_cluster_nodes_start_with_the_token_from_the_secret_manager(name):
+    config = cluster_config(name)
+    provider = config["provider"]["type"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [env for c in config[key] for env in ray_start_env(c)]
+        assert starts, f"{name}: no `ray start` in {key}"
+        for env in starts:
+            assert env.get("RAY_AUTH_MODE") == "token" and env.get("RAY_AUTH_TOKEN_PATH") == TOKEN_PATH, \
+                f"{name} {key}: `ray start` without token auth ({env})"
+    # Every process in the containers (job drivers, `ray exec`) sees the same, read-only.
+    run_options = config["docker"]["run_options"]
+    token_dir = os.path.dirname(TOKEN_PATH)
+    assert f"-v {token_dir}:{token_dir}:ro" in run_options
+    assert {"-e RAY_AUTH_MODE=token", f"-e RAY_AUTH_TOKEN_PATH={TOKEN_PATH}"} <= set(run_options)
+    # Fetched on every node (initialization_commands run on each), by the secret's name.
+    fetch = [" ".join(c.split()) for c in config["initialization_commands"] if TOKEN_PATH in c]
+    secret = CLOUD_SECRETS[provider]
+    assert len(fetch) == 1, f"{name}: one initialization command writes {TOKEN_PATH}"
+    assert {"aws": f"aws secretsmanager get-secret-value --region {config['provider']['region']} --secret-id {secret}",
+            "gcp": f"gcloud secrets versions access latest --secret={secret}"}[provider] in fetch[0]
+    assert re.search(r"install -m 0400 -o 1000 -g 1000 /dev/stdin " + re.escape(TOKEN_PATH), fetch[0])
+    assert "RAY_AUTH_TOKEN=" not in (CLUSTER / name).read_text(), "the token is never a value in the file"
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_cluster_nodes_may_read_the_secret(name):
+    """Ray gives worker nodes no cloud identity of their own: each worker type names one, and
+    cluster/README.md creates the secret and lets every node's identity read it."""
+    config = cluster_config(name)
+    provider = config["provider"]["type"]
+    readme = (CLUSTER / "README.md").read_text()
+    identities = {"gcp": {"ray-autoscaler-sa-v1"}, "aws": set()}[provider]  # the head's, on GCP from `ray up`
+    for node_type, spec in config["available_node_types"].items():
+        node_config = spec["node_config"]
+        if "IamInstanceProfile" in node_config:
+            identities.add(node_config["IamInstanceProfile"]["Name"])
+        elif "serviceAccounts" in node_config:
+            identities.add(node_config["serviceAccounts"][0]["email"].split("@")[0])
+        else:
+            assert node_type == config["head_node_type"] and provider == "gcp", f"{name}: {node_type} has no identity"
+    secret = CLOUD_SECRETS[provider]
+    if provider == "aws":
+        assert f"aws secretsmanager create-secret --region {config['provider']['region']} --name {secret}" in readme
+        assert '"Action":"secretsmanager:GetSecretValue"' in readme
+        (roles,) = re.findall(r"for ROLE in ([\w -]+);", readme)
+        assert identities <= set(roles.split()), (identities, roles)
+    else:
+        assert f"gcloud secrets create {secret}" in readme
+        (accounts,) = re.findall(r"for SA in ([\w -]+);", readme)
+        assert identities <= set(accounts.split()), (identities, accounts)
+        assert "--role=roles/secretmanager.secretAccessor" in readme
 
 
 # --- consistency ----------------------------------------------------------------------------------
