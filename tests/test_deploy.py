@@ -642,7 +642,7 @@ def test_sweep_job_entrypoint_runs_a_sweep_file_of_the_repo():
 
 
 def test_prepare_job_arguments_parse():
-    from raysnet.data.prepare import parse_args
+    from raysnet.prepare import parse_args  # what `python -m raysnet.prepare` (the Job's command) parses with
 
     (job,) = [o for o in overlay("prepare-imagenet") if o["kind"] == "Job"]
     (c,) = job["spec"]["template"]["spec"]["containers"]
