@@ -1,0 +1,356 @@
+"""A multi-node Ray cluster, an S3 server and an MLflow server on one machine (issue 14).
+
+Every node and server runs in a network namespace of its own, joined to the others by veth pairs
+on a bridge that lives in a namespace of its own (10.77.0.0/24, no route anywhere else). Nothing
+is added to the root namespace, so nothing the harness starts can reach the machine's routable
+address; and Ray, which advertises a routable address unless told otherwise, advertises the
+namespace's one, so its nodes form a real multi-node cluster.
+
+    with Net() as net:
+        stores = Stores(net, root)                      # moto's S3 server + MLflow server
+        cluster = RayCluster(net, root, workers=2)      # head (0 CPUs) + two 1-CPU nodes
+        job = cluster.submit(["python", "-m", "raysnet.train", "run.workers=2"], cwd=repo)
+
+The test process stays in the root namespace: it reads results from files (all namespaces share
+the filesystem) or runs a short command inside a namespace. On close every process of every
+namespace is SIGKILLed by pid (`ip netns pids`) and every namespace deleted, which deletes its
+veth too; a test that fails still gets there through its fixture's `with`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SUBNET = "10.77.0"
+BIN = str(Path(sys.executable).parent)  # ray, mlflow, moto_server and python of this interpreter
+
+
+def unavailable() -> str | None:
+    """Why the harness cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "`ip` (iproute2) is not installed"
+    probe = f"rnprobe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return "`ip netns add` fails here"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def wait_for(what: str, ready, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll `ready()` until it returns something truthy (-> that); fail naming `what`, with the
+    log's tail, when `proc` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            value = ready()  # its last words may be what we wait for
+            if value:
+                return value
+            break
+        time.sleep(0.2)
+    why = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None else \
+        f"not ready after {timeout:.0f} s"
+    tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"{what}: {why}\n{tail}")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class Net:
+    """A bridge in a namespace of its own, and a namespace per node with lo and one veth on it."""
+
+    def __init__(self, prefix: str | None = None):
+        self.prefix = prefix or f"rn{os.getpid()}"
+        self.bridge = f"{self.prefix}-br"
+        self.addr: dict[str, str] = {}  # node name -> its address
+        self._lock = threading.Lock()
+        self._namespaces: list[str] = []
+        self._new_namespace(self.bridge)
+        _ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.bridge, "link", "set", "br0", "up")
+
+    def ns(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def _new_namespace(self, ns: str) -> None:
+        _ip("netns", "add", ns)
+        self._namespaces.append(ns)
+
+    @staticmethod
+    def _port(name: str) -> str:
+        return f"p-{name}"[:15]  # interface names are at most 15 bytes
+
+    def add(self, name: str) -> str:
+        """A namespace for node `name`, on the bridge. -> its address"""
+        with self._lock:
+            ip, ns, port = f"{SUBNET}.{10 + len(self.addr)}", self.ns(name), self._port(name)
+            self.addr[name] = ip
+            self._new_namespace(ns)
+        # Both ends are created inside their namespaces: the root namespace never holds either.
+        _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", self.bridge)
+        _ip("-n", self.bridge, "link", "set", port, "master", "br0", "up")
+        _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        return ip
+
+    def exec(self, name: str, cmd: list[str], **popen_kw) -> subprocess.Popen:
+        """Start `cmd` in node `name`'s namespace (`ip netns exec` execs it: the same pid)."""
+        return subprocess.Popen(["ip", "netns", "exec", self.ns(name), *cmd], **popen_kw)
+
+    def run(self, name: str, cmd: list[str], **run_kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns(name), *cmd], **run_kw)
+
+    def pids(self, name: str) -> list[int]:
+        """Every process living in node `name`'s namespace."""
+        out = subprocess.run(["ip", "netns", "pids", self.ns(name)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_all(self, name: str, timeout: float = 15) -> None:
+        """SIGKILL every process of a namespace, by pid, until none is left."""
+        deadline = time.monotonic() + timeout
+        while (pids := self.pids(name)) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+
+    def cut(self, name: str) -> None:
+        """Take node `name` off the network (its bridge port goes down; its processes live on)."""
+        _ip("-n", self.bridge, "link", "set", self._port(name), "down")
+
+    def interfaces(self, name: str) -> dict[str, list[str]]:
+        """interface -> its addresses, inside node `name`'s namespace."""
+        out = subprocess.run(["ip", "-n", self.ns(name), "-br", "addr"], capture_output=True, text=True,
+                             check=True).stdout
+        return {f[0].split("@")[0]: f[2:] for f in (line.split() for line in out.splitlines())}
+
+    def routes(self, name: str) -> list[str]:
+        out = subprocess.run(["ip", "-n", self.ns(name), "route"], capture_output=True, text=True, check=True).stdout
+        return out.splitlines()
+
+    def close(self) -> None:
+        for ns in reversed(self._namespaces):
+            self.kill_all(ns.removeprefix(f"{self.prefix}-"))
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # deletes its veth and the peer
+        self._namespaces.clear()
+
+    def __enter__(self) -> Net:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def base_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of everything the harness starts: this interpreter's tools first on PATH,
+    a HOME of its own (Ray's token file, MLflow's and pip's caches never touch the user's), and
+    no inherited Ray, MLflow or AWS settings (the test process sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    with which Ray refuses a second node)."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+    env.update(PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}", HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+class Service:
+    """A long-running process in a namespace, in a session of its own, its output in a log file."""
+
+    def __init__(self, net: Net, node: str, cmd: list[str], log: Path, env: dict[str, str], cwd: str | None = None):
+        self.node, self.log = node, log
+        with open(log, "ab") as out:  # the child keeps its own copy
+            self.proc = net.exec(node, cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                 start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Job(Service):
+    """A `ray job submit` that tails its job's log; `seen` records when each epoch line arrived."""
+
+    EPOCH = re.compile(r"epoch (\d+)/(\d+): ")
+
+    def __init__(self, *args, **kwargs):
+        self.started = time.monotonic()
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[int, float]] = []  # (epoch, when its line first appeared), in order
+
+    def epochs(self) -> list[int]:
+        """The epoch lines so far (1-based, in order), noting when each new one appeared."""
+        found = [int(m.group(1)) for m in self.EPOCH.finditer(self.output())]
+        now = time.monotonic()
+        self.seen += [(e, now) for e in found[len(self.seen):]]
+        return found
+
+    def wait_epochs(self, count: int, timeout: float) -> float:
+        """Wait until `count` epoch lines have appeared. -> when the last of them did"""
+        wait_for(f"epoch line {count} of the job", lambda: len(self.epochs()) >= count, timeout, self.proc, self.log)
+        return self.seen[count - 1][1]
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job did not end in {timeout:.0f} s\n{self.output()[-4000:]}") from None
+
+
+class RayCluster:
+    """A head with no CPUs (the job's driver and Ray Train's controller need none) and 1-CPU
+    worker nodes, each a `ray start --block` in its own namespace, all with token authentication.
+    Each node has its own temp dir: nodes sharing one on a shared filesystem delete each other's
+    copy of a job's working directory (see test_cluster.py)."""
+
+    def __init__(self, net: Net, root: Path, workers: int = 2):
+        self.net, self.root = net, root
+        self.token = secrets.token_hex(32)
+        self.env = base_env(root / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        self.nodes: dict[str, Service] = {}
+        self.head_ip = net.add("head")
+        self.gcs, self.dashboard = f"{self.head_ip}:6379", f"http://{self.head_ip}:8265"
+        self._start("head", ["--head", "--port=6379", f"--dashboard-host={self.head_ip}", "--dashboard-port=8265",
+                             "--num-cpus=0"])
+        for _ in range(workers):
+            self.add_node(wait=False)
+        for name in self.nodes:
+            self._wait_started(name)
+
+    def _start(self, name: str, args: list[str]) -> None:
+        # Short temp dirs: Ray's Unix socket paths under them are limited to 107 bytes.
+        tmp = tempfile.mkdtemp(prefix=f"{name}-", dir=self.root)
+        cmd = ["ray", "start", "--block", f"--node-ip-address={self.net.addr[name]}", f"--temp-dir={tmp}",
+               "--disable-usage-stats", "--object-store-memory=100000000", *args]
+        self.nodes[name] = Service(self.net, name, cmd, self.root / f"{name}.log", self.env)
+
+    def _wait_started(self, name: str, timeout: float = 180) -> None:
+        node = self.nodes[name]
+        wait_for(f"ray node {name}", lambda: "Ray runtime started" in node.output(), timeout, node.proc, node.log)
+
+    def add_node(self, wait: bool = True) -> str:
+        """One more 1-CPU worker node. -> its name"""
+        name = f"w{sum(n != 'head' for n in self.nodes) + 1}"
+        self.net.add(name)
+        self._start(name, [f"--address={self.gcs}", "--num-cpus=1"])
+        if wait:
+            self._wait_started(name)
+        return name
+
+    def kill_node(self, name: str) -> None:
+        """Lose a node at once: SIGKILL its raylet, its workers and every other process of it, by pid."""
+        self.net.kill_all(name)
+
+    def hosting(self, process_name: str) -> list[str]:
+        """The nodes with a live process whose name contains `process_name` (e.g. RayTrainWorker)."""
+        import psutil
+
+        def has(name: str) -> bool:
+            for pid in self.net.pids(name):
+                try:
+                    if process_name in psutil.Process(pid).name():
+                        return True
+                except psutil.Error:
+                    continue
+            return False
+
+        return [name for name in self.nodes if has(name)]
+
+    def submit(self, entrypoint: list[str], *, cwd: str, name: str, node: str = "head",
+               working_dir: str | None = ".", env_vars: dict[str, str] | None = None) -> Job:
+        """`ray job submit` (it waits and tails the job's log) from inside node `node`'s namespace."""
+        cmd = ["ray", "job", "submit", "--address", self.dashboard, "--submission-id", name]
+        cmd += ["--working-dir", working_dir] if working_dir else []
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+        return Job(self.net, node, [*cmd, "--", *entrypoint], self.root / f"job-{name}.log", self.env, cwd=cwd)
+
+    def state(self, kind: str, *filters: str) -> list[dict]:
+        """Ray's state API (`ray list <kind> --detail`) from inside the head, e.g.
+        state("actors", "class_name=RayTrainWorker")."""
+        cmd = ["ray", "list", kind, "--address", self.dashboard, "--detail", "--format", "json", "--limit", "10000"]
+        for f in filters:
+            cmd += ["--filter", f]
+        done = self.net.run("head", cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise AssertionError(f"ray list {kind} failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout)
+
+
+class Stores:
+    """In a namespace of its own: an S3 server (moto's standalone server: a real server speaking
+    the S3 protocol) and an MLflow tracking server with a SQLite store and its artifacts in a
+    bucket of that S3 server."""
+
+    S3_PORT, MLFLOW_PORT, BUCKET = 9000, 5000, "raysnet"
+    KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, net: Net, root: Path, node: str = "store"):
+        self.net, self.root, self.node = net, root, node
+        ip = net.add(node)
+        self.s3, self.tracking_uri = f"http://{ip}:{self.S3_PORT}", f"http://{ip}:{self.MLFLOW_PORT}"
+        self.db = root / "mlflow.db"
+        # What a client of the bucket needs (a job gets it through its runtime env's env_vars).
+        self.s3_env = {**self.KEYS, "AWS_ENDPOINT_URL": self.s3, "MLFLOW_S3_ENDPOINT_URL": self.s3}
+        self.env = base_env(root / "home", **self.s3_env)
+        self.services = [
+            Service(net, node, ["moto_server", "-H", ip, "-p", str(self.S3_PORT)], root / "moto.log", self.env),
+            Service(net, node, ["mlflow", "server", "--host", ip, "--port", str(self.MLFLOW_PORT), "--workers", "1",
+                                "--backend-store-uri", f"sqlite:///{self.db}",
+                                "--artifacts-destination", f"s3://{self.BUCKET}/mlartifacts"],
+                    root / "mlflow.log", self.env)]
+        self._wait_up()
+
+    def _wait_up(self) -> None:
+        # From inside: create the bucket once S3 answers, then wait for MLflow's /health.
+        script = ("import sys, time, boto3, urllib.request\n"
+                  "for url, bucket in ((sys.argv[1], sys.argv[3]), (sys.argv[2] + '/health', None)):\n"
+                  "    for _ in range(900):\n"
+                  "        try:\n"
+                  "            urllib.request.urlopen(url, timeout=2)\n"
+                  "            break\n"
+                  "        except Exception:\n"
+                  "            time.sleep(0.2)\n"
+                  "    else:\n"
+                  "        sys.exit(f'{url} never answered')\n"
+                  "    if bucket:\n"
+                  "        boto3.client('s3').create_bucket(Bucket=bucket)\n")
+        done = self.net.run(self.node, [sys.executable, "-c", script, self.s3, self.tracking_uri, self.BUCKET],
+                            env=self.env, capture_output=True, text=True, timeout=240)
+        if done.returncode:
+            logs = "\n".join(f"--- {s.log.name}\n{s.output()[-2000:]}" for s in self.services)
+            raise AssertionError(f"the S3 or MLflow server did not start: {done.stderr}\n{logs}")
+
+    def objects(self, prefix: str = "") -> list[str]:
+        """Keys in the bucket under `prefix`, listed from inside the store's namespace over S3."""
+        script = ("import sys, boto3\n"
+                  "pages = boto3.client('s3').get_paginator('list_objects_v2').paginate(Bucket=sys.argv[1], "
+                  "Prefix=sys.argv[2])\n"
+                  "print('\\n'.join(o['Key'] for p in pages for o in p.get('Contents', [])))\n")
+        done = self.net.run(self.node, [sys.executable, "-c", script, self.BUCKET, prefix], env=self.env,
+                            capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout.split()
+
+    def client(self):
+        """An MlflowClient on the server's SQLite store, read directly from the root namespace."""
+        from mlflow import MlflowClient
+
+        return MlflowClient(f"sqlite:///{self.db}")
