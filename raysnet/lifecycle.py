@@ -82,13 +82,89 @@ def check_resume(cfg: Config) -> bool:
     return True
 
 
+# The schemes of MLflow 3's tracking stores: its REST client, its SQLAlchemy databases (a driver
+# may follow a '+': postgresql+psycopg2), the file store and Databricks. No scheme: a local path.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def _check_tracking_uri(cfg: Config) -> None:
+    """MLflow can open tracking.uri (or $MLFLOW_TRACKING_URI): found here, not inside Ray (issue 13)."""
+    from urllib.parse import urlparse
+
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    scheme = urlparse(uri).scheme.partition("+")[0].lower()
+    if not scheme or scheme in TRACKING_SCHEMES:
+        return
+    key = "'tracking.uri'" if cfg.tracking.uri else "'MLFLOW_TRACKING_URI' (tracking.uri is empty)"
+    raise UsageError(f"bad value for {key}: {uri!r} has the scheme '{scheme}:', which MLflow cannot use. Expected "
+                     f"one of {', '.join(s + ':' for s in TRACKING_SCHEMES)} (or a local path), or leave tracking.uri "
+                     "empty (and MLFLOW_TRACKING_URI unset) to record into a SQLite store under run.storage.")
+
+
+def _check_meta(cfg: Config, meta: dict) -> None:
+    """meta.json agrees with itself: its class count, its class list and each split's labels
+    (`per_class`); the model's outputs follow the class list, the labels follow the files."""
+    from raysnet.data import prepare_command
+    from raysnet.data.writer import META
+
+    path = f"{cfg.data.root.rstrip('/')}/{META}"
+    problems = []
+    try:
+        classes, splits = list(meta["classes"]), dict(meta["splits"])
+        if meta.get("num_classes", len(classes)) != len(classes):
+            problems.append(f"num_classes is {meta['num_classes']} but 'classes' lists {len(classes)}")
+        for split, info in splits.items():
+            per_class, samples = info.get("per_class"), int(info["samples"])
+            if per_class is None:
+                continue
+            if sorted(per_class) != sorted(classes):
+                problems.append(f"splits.{split}.per_class counts labels of {len(per_class)} classes, not the "
+                                f"{len(classes)} of 'classes'")
+            elif sum(per_class.values()) != samples:
+                problems.append(f"splits.{split}.per_class counts {sum(per_class.values())} labels for {samples} "
+                                "samples")
+        int(splits["train"]["samples"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        problems.append(f"it is not a raysnet {META} ({type(e).__name__}: {e})")
+    if problems:
+        raise UsageError(f"dataset file '{path}' contradicts itself: {'; '.join(problems)}. Prepare the dataset "
+                         f"again: {prepare_command(cfg.data)} overwrite=true")
+
+
+def _check_steps(cfg: Config, meta: dict) -> None:
+    """At least one training step per epoch (the loaders drop a last, partial batch)."""
+    from raysnet.data import steps_per_epoch as steps
+
+    samples, workers = int(meta["splits"]["train"]["samples"]), cfg.run.workers
+    if steps(samples, cfg.batch_size, workers, cfg.run.max_steps) > 0:
+        return
+    if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
+        raise UsageError(f"bad value for 'run.max_steps': {cfg.run.max_steps} gives zero training steps per epoch. "
+                         "Expected at least 1, or null for whole epochs.")
+    share = -(-samples // workers)  # each worker's share, as steps_per_epoch counts it
+    raise UsageError(f"batch_size={cfg.batch_size} ({cfg.batch_size // workers} per worker over run.workers="
+                     f"{workers}) is larger than the training split: {samples} samples in '{cfg.data.root}' are "
+                     f"{share} per worker, and only whole batches are trained, so an epoch would have zero steps. "
+                     + (f"Lower batch_size to at most {share * workers}, or use more data." if share else
+                        "The split is empty: prepare the dataset again with training images."))
+
+
 def preflight(cfg: Config) -> tuple[Config, dict, bool]:
-    """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed)"""
+    """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed)
+    The resume check comes last: it writes the run's config, which only a run that can start may do."""
+    from raysnet.config import check_run_name
     from raysnet.data import check_dataset, ensure_dataset
 
+    _check_tracking_uri(cfg)
+    given = cfg.run.name
     cfg = finalize(cfg)
+    if not given:  # made from arch and data.name; a dataset recipe may name itself anything
+        check_run_name(cfg.run.name, hint=f"It was made from arch and data.name={cfg.data.name!r}: set run.name, "
+                                          "or give the dataset recipe a plain name.")
     meta = ensure_dataset(cfg.data)
     check_dataset(cfg.data)
+    _check_meta(cfg, meta)
+    _check_steps(cfg, meta)
     tracking.check_reachable(cfg.tracking.uri)
     return cfg, meta, check_resume(cfg)
 
@@ -130,12 +206,20 @@ def _free_port(preferred: int) -> int:
 
 
 def gpus_per_worker(cfg: Config) -> int:
-    """run.gpus_per_worker, else 1 when the cluster has GPUs."""
+    """run.gpus_per_worker, else 1 when the cluster has GPUs. A local Ray (one this process
+    started, no autoscaler behind it) that can never hold the request is an error now, not a
+    wait without end; a cluster we were submitted to may still be scaling up, so Ray waits there."""
     import ray
 
-    if cfg.run.gpus_per_worker is not None:
-        return cfg.run.gpus_per_worker
-    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    available = ray.cluster_resources().get("GPU", 0)
+    if cfg.run.gpus_per_worker is None:
+        return 1 if available > 0 else 0
+    need = cfg.run.workers * cfg.run.gpus_per_worker
+    if need > available and not os.environ.get("RAY_ADDRESS"):
+        raise UsageError(f"run.gpus_per_worker={cfg.run.gpus_per_worker} with run.workers={cfg.run.workers} asks "
+                         f"for {need} GPU(s), but this machine has {available:g}. Pass run.gpus_per_worker=0 to "
+                         "train on CPUs, fewer run.workers, or submit to a cluster with GPUs (`ray job submit`).")
+    return cfg.run.gpus_per_worker
 
 
 def hardware(gpus: int, cfg: Config) -> str:

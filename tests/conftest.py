@@ -1,9 +1,12 @@
-"""Shared fixtures: a real local Ray (loopback only) started and stopped by the tests."""
+"""Shared fixtures: a real local Ray (loopback only), the prepared digits, a real S3 server, all started
+and stopped by the tests themselves."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import shutil
+import signal
+import subprocess
 
 # Ray 2.60 swaps 127.0.0.1 for the routable address unless this is set; it must precede `import ray`.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -11,6 +14,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
+from servers import free_port, wait_until_up
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +46,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
+def digits(tmp_path_factory) -> str:
     """The embedded digits, prepared once for the whole session as training does it (on first use).
     Every test file reads this one directory; a test that damages a dataset copies it first."""
     from raysnet.config import load_config
     from raysnet.data import ensure_dataset
 
-    root = tmp_path_factory.mktemp("data") / "digits"
+    root = str(tmp_path_factory.mktemp("data") / "digits")
     ensure_dataset(load_config([f"data.root={root}"]).data)
     return root
 
@@ -59,4 +63,31 @@ def smoke_sweep(tmp_path_factory, digits):
     and run again to the end (see tests/sweep_helpers.py)."""
     from sweep_helpers import interrupted_sweep
 
-    return interrupted_sweep(tmp_path_factory.mktemp("sweep"), str(digits))
+    return interrupted_sweep(tmp_path_factory.mktemp("sweep"), digits)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (moto's) on loopback with a bucket `data`; the AWS_* variables point pyarrow,
+    boto3 and the processes the tests start at it. -> its log file (one line per request)"""
+    if shutil.which("moto_server") is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    port = free_port()
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        wait_until_up(env["AWS_ENDPOINT_URL"], 30)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="data")
+        yield log
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -5,56 +5,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
+from servers import free_port
 
 from raysnet import storage
 from raysnet.errors import UsageError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on loopback; the AWS_* variables point pyarrow and boto3 at it. -> its log file"""
-    if shutil.which("moto_server") is None:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    port = _free_port()
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, f"moto_server did not start; see {log}"
-                time.sleep(0.2)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket="data")
-        yield log
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture
@@ -140,3 +101,96 @@ def test_prepare_writes_to_object_storage_and_training_reads_it_back(s3, tmp_pat
     assert check_dataset(local, num_classes=10)["files"] == meta["files"]  # FFCV's headers, sizes: the real files
     with pytest.raises(UsageError, match="s3://data/nothing"):
         check_dataset(DataConfig(name="digits", root="s3://data/nothing"))
+
+
+# --- a run on object storage, through the command line ---------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["arch=resnet20", "batch_size=64", "run.workers=2", "epochs=1", "run.max_steps=4"]
+
+
+def train_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False, env={**os.environ, "RAY_TMPDIR": "/tmp", **(env or {})})
+
+
+def _one_paragraph_exit_2(out: subprocess.CompletedProcess, *words: str) -> None:
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    err = out.stderr.strip()
+    assert err.startswith("error:") and "Traceback" not in err and "\n\n" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+@pytest.fixture(scope="module")
+def s3_digits(s3, digits) -> str:
+    from raysnet.data.prepare import PrepareConfig, prepare
+
+    if not storage.exists("s3://data/cli-digits"):
+        prepare(PrepareConfig(source="digits", out="s3://data/cli-digits", progress=False))
+    return "s3://data/cli-digits"
+
+
+def _listing(uri: str) -> dict[str, int]:
+    from pyarrow import fs
+
+    filesystem, root = storage.open_uri(uri)
+    return {i.path: i.size for i in filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))}
+
+
+def test_bad_object_storage_stops_before_training_and_changes_nothing(s3, s3_digits, tmp_path):
+    before = _listing("s3://data")
+    out = train_cli(*FAST, "data.root=s3://data/missing", f"run.storage={tmp_path}")
+    _one_paragraph_exit_2(out, "data.root=s3://data/missing", "meta.json is missing")
+    out = train_cli(*FAST, f"data.root={s3_digits}", "run.storage=s3://data/runs")
+    _one_paragraph_exit_2(out, "run.storage=s3://data/runs", "tracking.uri")
+    unreachable = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    out = train_cli(*FAST, f"data.root={s3_digits}", f"run.storage={tmp_path}", env=unreachable)
+    _one_paragraph_exit_2(out, f"data.root={s3_digits}")
+    assert _listing("s3://data") == before  # nothing in the bucket changed
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.e2e
+def test_a_run_reads_its_dataset_and_keeps_everything_in_the_bucket(s3, s3_digits, tmp_path):
+    """data.root, run.storage and the MLflow server's artifacts all in the bucket; rerun: resumed
+    from the bucket, nothing trained or logged twice."""
+    from servers import wait_until_up
+
+    from raysnet import tracking
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", "s3://data/mlflow"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_until_up(uri + "/health", 180)
+        args = [*FAST, "epochs=2", f"data.root={s3_digits}", "run.storage=s3://data/runs", f"tracking.uri={uri}",
+                "run.name=bucket", "tracking.log_model=true"]
+        cache = {"RAYSNET_CACHE": str(tmp_path / "cache")}
+        out = train_cli(*args, env=cache)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        files = _listing("s3://data/runs/bucket")
+        assert any(p.endswith("checkpoint.pt") for p in files) and any(p.endswith("raysnet-config.yaml") for p in files)
+        mlflow = tracking.client(uri)
+        run = tracking.find_run(mlflow, "raysnet-digits", tracking.RUN_NAME_TAG, "bucket")
+        assert run.info.status == "FINISHED"
+        assert [s for s, _ in tracking.history(mlflow, run.info.run_id)["val_err"]] == [0, 1]
+        artifacts = _listing("s3://data/mlflow")
+        assert any("/model/" in p for p in artifacts) and any(p.endswith("checkpoint/checkpoint.pt") for p in artifacts)
+        assert (tmp_path / "cache").is_dir()  # the node's copy of the dataset
+
+        again = train_cli(*args, env=cache)
+        assert again.returncode == 0 and "resuming" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+        assert [s for s, _ in tracking.history(mlflow, run.info.run_id)["val_err"]] == [0, 1]
+
+        before = _listing("s3://data")  # a bucket that does not take writes: stopped before training
+        out = train_cli(*FAST, f"data.root={s3_digits}", "run.storage=s3://no-such-bucket/runs", f"tracking.uri={uri}")
+        _one_paragraph_exit_2(out, "run.storage=s3://no-such-bucket/runs")
+        assert _listing("s3://data") == before
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,33 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from servers import free_port, wait_until_up
 
 from raysnet.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["arch=resnet20", "batch_size=64", "run.workers=2", "tracking.log_model=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, seconds: float) -> None:
-    """Poll a local server we started until it answers; fail saying so when the time is up."""
-    import requests
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if requests.get(url, timeout=1).status_code < 500:  # 401 too: a token-protected dashboard is up
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {seconds:.0f} s (a server the test started; slow to "
-                         "start on a loaded machine)")
 
 
 def history(uri: str, run_name: str, experiment: str = "raysnet-digits") -> dict[str, list]:
@@ -185,6 +163,16 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
     assert "resuming" in out.stdout
     h = history(f"sqlite:///{tmp_path / 'mlflow.db'}", "again")
     assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.e2e
+def test_gpus_a_local_machine_lacks_fail_fast(tmp_path, digits):
+    start = time.time()
+    out = cli(*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.gpus_per_worker=1", "run.max_failures=0")
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "run.gpus_per_worker=1" in out.stderr and "Traceback" not in out.stderr
+    assert time.time() - start < 120  # not Ray's endless wait for resources
+    assert not (tmp_path / "mlflow.db").exists()  # stopped before any MLflow run was opened
 
 
 def test_a_changed_config_does_not_resume_silently(tmp_path, digits):
