@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from raysnet.models import get_arch, list_models
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrackingConfig",
-    "data_root", "flatten", "from_dict", "from_yaml", "load_config", "recipes", "resolve_root", "to_dict",
-    "to_yaml",
+    "check_run_name", "data_root", "flatten", "from_dict", "from_yaml", "load_config", "recipes", "resolve_root",
+    "to_dict", "to_yaml",
 ]
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -221,6 +222,22 @@ def load_config(args: Sequence[str] = (), *, base: Sequence[Mapping[str, Any]] =
     return config
 
 
+# run.name is a directory inside run.storage and a value inside MLflow filter strings
+# (tracking.find_run): one path component, no quotes, no whitespace (issue 13).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RUN_NAME_MAX = 128
+
+
+def check_run_name(name: str, hint: str = "Leave it empty for a generated name.") -> None:
+    """A ConfigError unless `name` is one safe directory name (empty: generated later)."""
+    if not name or (RUN_NAME.fullmatch(name) and ".." not in name and len(name) <= RUN_NAME_MAX):
+        return
+    raise ConfigError(f"bad value for 'run.name': {name!r}. Expected one directory name inside run.storage, at most "
+                      f"{RUN_NAME_MAX} characters of letters, digits, '.', '_' and '-', starting with a letter or "
+                      "digit: no '/', '\\', '..', quotes or whitespace (it is also matched in MLflow searches). "
+                      f"{hint}")
+
+
 def validate(cfg: Config) -> None:
     if cfg.arch not in list_models():
         close = difflib.get_close_matches(cfg.arch, list_models(), n=1)
@@ -229,7 +246,10 @@ def validate(cfg: Config) -> None:
                           f"Valid architectures: {', '.join(list_models())}.")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "run.workers": cfg.run.workers,
                 "run.cpus_per_worker": cfg.run.cpus_per_worker, "data.crop": cfg.data.crop,
-                "optim.ref_batch_size": cfg.optim.ref_batch_size, "run.eval_every": cfg.run.eval_every}
+                "optim.ref_batch_size": cfg.optim.ref_batch_size, "run.eval_every": cfg.run.eval_every,
+                # Here rather than in the preflight: it needs no dataset, so --print-config and every
+                # sweep trial see it too. Ray must keep the latest checkpoint for a resume.
+                "run.keep_checkpoints": cfg.run.keep_checkpoints}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"bad value for '{key}': {value}. Expected an integer of at least 1.")
@@ -245,6 +265,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bad value for 'data.scale_range': {list(cfg.data.scale_range)}. Expected [min, max].")
     if cfg.run.gpus_per_worker is not None and cfg.run.gpus_per_worker < 0:
         raise ConfigError(f"bad value for 'run.gpus_per_worker': {cfg.run.gpus_per_worker}. Expected 0 or more.")
+    check_run_name(cfg.run.name)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
