@@ -19,7 +19,6 @@ with `load_config` before anything starts, so a key that does not exist is an er
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -29,12 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
-from raysnet.config import Config, ConfigError, load_config
-
-# Keys of the config that are config groups, not fields (see raysnet.config).
-GROUPS = ("recipe", "data")
+from raysnet.config import Config, load_config
+from raysnet.errors import ConfigError, from_omegaconf
 
 
 @dataclass
@@ -88,23 +85,17 @@ def _fields(schema: Any = Sweep, prefix: str = "") -> list[str]:
     return [prefix + f.name for f in dataclasses.fields(schema)]
 
 
+def _keys() -> list[str]:
+    """Every key a sweep file may have, dotted."""
+    return _fields() + _fields(Scheduler, "scheduler.")
+
+
 def parse(node: DictConfig | dict, where: str) -> Sweep:
     """A sweep from its YAML mapping; unknown keys and bad types are ConfigErrors naming the key."""
     try:
         spec: Sweep = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Sweep), node))
-    except ConfigKeyError as e:
-        key = str(e.full_key)
-        close = difflib.get_close_matches(key.rpartition(".")[2], _fields() + _fields(Scheduler)
-                                          + _fields(Distribution) + _fields(Condition), n=1, cutoff=0.6)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown key '{key}' in {where}.{hint} A sweep file's keys are: "
-                          f"{', '.join(_fields())} (scheduler: {', '.join(_fields(Scheduler))}).") from None
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"{where} has no '{e.full_key}': every sweep file names its {e.full_key}.") from None
-    except ValidationError as e:
-        raise ConfigError(f"bad value for '{e.full_key}' in {where}: {e.msg.splitlines()[0]}.") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read {where}: {e.msg}") from None
+        raise from_omegaconf(e, where, _keys()) from None
     _check(spec, where)
     return spec
 
@@ -127,7 +118,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple
         try:
             node = OmegaConf.merge(node, OmegaConf.from_dotlist([a.removeprefix("sweep.") for a in overrides]))
         except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot apply {list(overrides)} to sweep file '{path}': {e.msg}") from None
+            raise from_omegaconf(e, f"{' '.join(overrides)} for sweep file '{path}'", _keys()) from None
     return parse(node, f"sweep file '{path}'" + (f" with {' '.join(overrides)}" if overrides else "")), text
 
 
