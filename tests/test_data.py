@@ -141,7 +141,7 @@ def test_device_normalisation_path_matches_cpu_path(digits, channels_last):
     meta = check_dataset(DataConfig(root=str(digits)))
     batches = {}
     for on_device in (False, True):
-        loader = Loader(str(digits / "val.beton"), batch_size=100, num_workers=1, drop_last=False,
+        loader = Loader(str(Path(digits) / "val.beton"), batch_size=100, num_workers=1, drop_last=False,
                         pipelines={"image": [SimpleRGBImageDecoder()] + to_batch(meta, CPU, channels_last, on_device),
                                    "label": label_pipeline(CPU)})
         batches[on_device] = [(x.clone(), y.clone()) for x, y in loader]
