@@ -5,11 +5,17 @@ directories of a run. It holds everything a resumed run restores (model, optimis
 random states, the epoch and the metrics so far) and everything a reader needs to rebuild the
 model without the run (the resolved config, the MLflow run id). `load_model` also reads a
 torchvision state dict, for the paper's testing of published weights.
+
+Every file is read with torch.load(weights_only=True): tensors and plain data only, so a file from
+elsewhere can be refused but never run code (issue 13). The random states are stored that way too.
 """
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +45,61 @@ def find(path: str | Path) -> Path:
                      f"holding it, or a run directory with checkpoint_*/{CHECKPOINT_FILE} inside.")
 
 
+def _legacy_numpy_globals() -> list:
+    """What `np.random.get_state()`'s uint32 array needs from the unpickler: checkpoints written
+    before the numpy state was stored as plain data (`_numpy_state`) hold that array pickled by
+    numpy. Only these are allowed, and only while `_read` reads (torch's list stays as it was)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),  # numpy 1's name for it
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _foreign_globals(path: Path, error: str) -> str:
+    """The Python objects a refused file asks for: from its opcodes (nothing executed), else from
+    torch's message (a legacy or plain pickle)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip file: torch names the first one it met
+        names = re.findall(r"GLOBAL (\S+) (?:was not|whose module)", error)[:1]
+    return f" (it asks for {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+
+
 def _read(path: Path, device: torch.device | str = "cpu") -> Any:
-    # weights_only=False: the file holds numpy and Python random states besides tensors. Only
-    # read checkpoints you trust; this is the one place that reads them.
-    return torch.load(path, map_location=device, weights_only=False)
+    """The one reader of checkpoints and state dicts: torch.load(weights_only=True), so a file can
+    hold tensors and plain data but never run code (issue 13: a pickle's __reduce__ would)."""
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise UsageError(f"'{path}' is not a raysnet checkpoint or state dict: torch.load(weights_only=True) "
+                             f"found more than tensors and plain data in it{_foreign_globals(path, str(e))}, so it "
+                             "was refused and was not executed. Pass a checkpoint.pt written by raysnet.train, or a "
+                             "torchvision state dict with arch=NAME.") from None
+        why = f"UnpicklingError: {str(e).splitlines()[0]}"
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        first = (str(e).splitlines() or [""])[0]
+        why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    raise UsageError(f"checkpoint '{path}' cannot be read by torch.load ({why}): it is not a file torch.save wrote, "
+                     "or it is truncated. Expected a raysnet checkpoint.pt or a torchvision state dict.")
+
+
+def _numpy_state() -> tuple:
+    """`np.random.get_state()` as plain data: its uint32 key array as an int64 tensor, so the file
+    loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _set_numpy_state(state: tuple | list) -> None:
+    """The inverse of `_numpy_state`; also takes the old form (the key array as an ndarray)."""
+    name, keys, *rest = state
+    keys = keys.cpu().numpy() if torch.is_tensor(keys) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
 
 
 def save(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -55,7 +112,7 @@ def save(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         # key stays so that fp16 training can store its GradScaler without a new format.
         "scaler": None,
         "epoch": epoch, "config": to_dict(cfg), "mlflow_run_id": run_id, "history": history,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }, path)
 
@@ -69,7 +126,7 @@ def restore(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimi
     scheduler.load_state_dict(ckpt["scheduler"])
     rng = ckpt["rng"]
     torch.set_rng_state(rng["torch"].cpu())
-    np.random.set_state(rng["numpy"])
+    _set_numpy_state(rng["numpy"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -93,10 +150,7 @@ def load_model(path: str | Path, arch: str | None = None) -> Loaded:
     if not p.is_file():
         raise UsageError(f"checkpoint '{path}' is not a file; pass checkpoint=PATH to a raysnet "
                          "checkpoint.pt or a torchvision state dict (with arch=...).")
-    try:
-        raw = _read(p)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise UsageError(f"checkpoint '{p}' cannot be read by torch.load ({type(e).__name__}: {e}).") from None
+    raw = _read(p)
     if isinstance(raw, dict) and "model" in raw and "config" in raw:
         cfg, state = from_dict(raw["config"]), raw["model"]
         arch = cfg.arch
