@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar, Self
 
 SUBNET = "10.77.0"
 BIN = str(Path(sys.executable).parent)  # ray, mlflow, moto_server and python of this interpreter
@@ -43,9 +44,9 @@ def unavailable() -> str | None:
     if shutil.which("ip") is None:
         return "`ip` (iproute2) is not installed"
     probe = f"rnprobe{os.getpid()}"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False).returncode != 0:
         return "`ip netns add` fails here"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
@@ -115,12 +116,12 @@ class Net:
         """Start `cmd` in node `name`'s namespace (`ip netns exec` execs it: the same pid)."""
         return subprocess.Popen(["ip", "netns", "exec", self.ns(name), *cmd], **popen_kw)
 
-    def run(self, name: str, cmd: list[str], **run_kw) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.ns(name), *cmd], **run_kw)
+    def run(self, name: str, cmd: list[str], check: bool = False, **run_kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns(name), *cmd], check=check, **run_kw)
 
     def pids(self, name: str) -> list[int]:
         """Every process living in node `name`'s namespace."""
-        out = subprocess.run(["ip", "netns", "pids", self.ns(name)], capture_output=True, text=True).stdout
+        out = subprocess.run(["ip", "netns", "pids", self.ns(name)], capture_output=True, text=True, check=False).stdout
         return [int(p) for p in out.split()]
 
     def kill_all(self, name: str, timeout: float = 15) -> None:
@@ -151,10 +152,10 @@ class Net:
     def close(self) -> None:
         for ns in reversed(self._namespaces):
             self.kill_all(ns.removeprefix(f"{self.prefix}-"))
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # deletes its veth and the peer
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)  # its veth goes with it
         self._namespaces.clear()
 
-    def __enter__(self) -> Net:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -188,26 +189,15 @@ class Service:
 
 
 class Job(Service):
-    """A `ray job submit` that tails its job's log; `seen` records when each epoch line arrived."""
-
-    EPOCH = re.compile(r"epoch (\d+)/(\d+): ")
+    """A `ray job submit`, which waits for its job and tails the job's log."""
 
     def __init__(self, *args, **kwargs):
         self.started = time.monotonic()
         super().__init__(*args, **kwargs)
-        self.seen: list[tuple[int, float]] = []  # (epoch, when its line first appeared), in order
 
     def epochs(self) -> list[int]:
-        """The epoch lines so far (1-based, in order), noting when each new one appeared."""
-        found = [int(m.group(1)) for m in self.EPOCH.finditer(self.output())]
-        now = time.monotonic()
-        self.seen += [(e, now) for e in found[len(self.seen):]]
-        return found
-
-    def wait_epochs(self, count: int, timeout: float) -> float:
-        """Wait until `count` epoch lines have appeared. -> when the last of them did"""
-        wait_for(f"epoch line {count} of the job", lambda: len(self.epochs()) >= count, timeout, self.proc, self.log)
-        return self.seen[count - 1][1]
+        """The epoch lines raysnet printed so far ("epoch 2/3: ..." -> 2), in order."""
+        return [int(n) for n in re.findall(r"epoch (\d+)/\d+: ", self.output())]
 
     def wait(self, timeout: float) -> int:
         try:
@@ -225,10 +215,14 @@ class RayCluster:
     def __init__(self, net: Net, root: Path, workers: int = 2):
         self.net, self.root = net, root
         self.token = secrets.token_hex(32)
-        self.env = base_env(root / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
         self.nodes: dict[str, Service] = {}
         self.head_ip = net.add("head")
         self.gcs, self.dashboard = f"{self.head_ip}:6379", f"http://{self.head_ip}:8265"
+        # RAY_API_SERVER_ADDRESS: Ray's state API clients inside the cluster (Ray Train's placement
+        # group cleaner polls it every second) otherwise look for "the local cluster" among every
+        # gcs_server process of the machine and in /tmp/ray, and find other Ray instances there.
+        self.env = base_env(root / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+                            RAY_API_SERVER_ADDRESS=self.dashboard)
         self._start("head", ["--head", "--port=6379", f"--dashboard-host={self.head_ip}", "--dashboard-port=8265",
                              "--num-cpus=0"])
         for _ in range(workers):
@@ -283,17 +277,25 @@ class RayCluster:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
         return Job(self.net, node, [*cmd, "--", *entrypoint], self.root / f"job-{name}.log", self.env, cwd=cwd)
 
-    def state(self, kind: str, *filters: str) -> list[dict]:
-        """Ray's state API (`ray list <kind> --detail`) from inside the head, e.g.
-        state("actors", "class_name=RayTrainWorker")."""
-        cmd = ["ray", "list", kind, "--address", self.dashboard, "--detail", "--format", "json", "--limit", "10000"]
-        for f in filters:
-            cmd += ["--filter", f]
-        done = self.net.run("head", cmd, env=self.env, capture_output=True, text=True, timeout=120)
+    def train_workers(self, submission_id: str) -> list[dict]:
+        """The Ray Train worker actors of a job, from Ray's state API (asked from inside the head):
+        [{"actor_id", "state", "node_id", "node_ip", "placement_group_id"}] (one placement group
+        per worker group: a restarted run has several)."""
+        script = (
+            "import json, sys\n"
+            "from ray.util.state import list_actors, list_jobs, list_nodes\n"
+            "job = next(j.job_id for j in list_jobs() if j.submission_id == sys.argv[1])\n"
+            "ips = {n.node_id: n.node_ip for n in list_nodes(limit=10000)}\n"
+            "actors = list_actors(filters=[('class_name', '=', 'RayTrainWorker'), ('job_id', '=', job)],\n"
+            "                     limit=10000, detail=True, raise_on_missing_output=False)\n"
+            "print(json.dumps([{'actor_id': a.actor_id, 'state': a.state, 'node_id': a.node_id,\n"
+            "                   'node_ip': ips[a.node_id], 'placement_group_id': a.placement_group_id}\n"
+            "                  for a in actors]))\n")
+        done = self.net.run("head", [sys.executable, "-c", script, submission_id], env=self.env, capture_output=True,
+                            text=True, timeout=120)
         if done.returncode:
-            raise AssertionError(f"ray list {kind} failed:\n{done.stdout}\n{done.stderr}")
-        return json.loads(done.stdout)
-
+            raise AssertionError(f"Ray's state API failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout.splitlines()[-1])
 
 class Stores:
     """In a namespace of its own: an S3 server (moto's standalone server: a real server speaking
@@ -301,7 +303,7 @@ class Stores:
     bucket of that S3 server."""
 
     S3_PORT, MLFLOW_PORT, BUCKET = 9000, 5000, "raysnet"
-    KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    KEYS: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
     def __init__(self, net: Net, root: Path, node: str = "store"):
         self.net, self.root, self.node = net, root, node

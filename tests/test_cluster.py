@@ -17,17 +17,17 @@ Two causes found on the way, for the record:
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from cluster_harness import SUBNET, Net, RayCluster, Stores, unavailable
+from cluster_harness import SUBNET, Net, RayCluster, Stores, unavailable, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -56,37 +56,24 @@ def world():
     root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths live under it
     net = Net()
     try:
-        # The servers start while the Ray nodes do (each takes tens of seconds on 2 cores).
-        stores: list[Stores | BaseException] = []
-        starting = threading.Thread(target=lambda: stores.append(_try(Stores, net, root)))
-        starting.start()
-        try:
+        with ThreadPoolExecutor(1) as pool:
+            stores = pool.submit(Stores, net, root)  # the servers start while the Ray nodes do
             cluster = RayCluster(net, root, workers=2)
-        finally:
-            starting.join()
-        if isinstance(stores[0], BaseException):
-            raise stores[0]
-        yield World(net, cluster, stores[0], root)
+            yield World(net, cluster, stores.result(), root)
     finally:
         net.close()
         shutil.rmtree(root, ignore_errors=True)
-    left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-            if ns.startswith(net.prefix)]
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    left = [ns for ns in namespaces.split() if ns.startswith(net.prefix)]
     assert not left, f"namespaces left behind: {left}"
     assert _root_links() == links, "the root namespace's interfaces changed"
 
 
-def _try(make, *args):
-    try:
-        return make(*args)
-    except BaseException as e:  # handed to the main thread
-        return e
-
-
 def train(world: World, digits, name: str, epochs: int) -> list[str]:
+    # 12 steps an epoch (of 22): epochs of a few seconds, still long enough to kill a node in one.
     return ["python", "-m", "raysnet.train", "arch=resnet20", f"epochs={epochs}", "run.workers=2", "batch_size=64",
-            "tracking.log_model=false", f"data.root={digits}", f"run.storage={world.root}/out", f"run.name={name}",
-            f"tracking.uri={world.stores.tracking_uri}"]
+            "run.max_steps=12", "tracking.log_model=false", f"data.root={digits}", f"run.storage={world.root}/out",
+            f"run.name={name}", f"tracking.uri={world.stores.tracking_uri}"]
 
 
 def assert_isolated(world: World) -> None:
@@ -98,23 +85,30 @@ def assert_isolated(world: World) -> None:
         interfaces = world.net.interfaces(name)
         assert set(interfaces) == {"lo", "eth0"}, (name, interfaces)
         assert [a for a in interfaces["eth0"] if not a.startswith("fe80:")] == [f"{world.net.addr[name]}/24"]
-        assert world.net.routes(name) == [f"{SUBNET}.0/24 dev eth0 proto kernel scope link src "
-                                          f"{world.net.addr[name]} "], world.net.routes(name)
+        subnet_only = f"{SUBNET}.0/24 dev eth0 proto kernel scope link src {world.net.addr[name]} "
+        assert world.net.routes(name) == [subnet_only], world.net.routes(name)
     ours = {pid for name in world.net.addr for pid in world.net.pids(name)}
     in_root = [c for c in psutil.net_connections("all") if c.pid in ours]
     assert not in_root, in_root
 
 
-def job_id(world: World, submission_id: str) -> str:
-    return next(j["job_id"] for j in world.cluster.state("jobs") if j["submission_id"] == submission_id)
+def checkpointed(world: World, name: str) -> int:
+    """Epochs with a checkpoint, as Ray Train's controller records them on (shared) disk the
+    moment it registers one: earlier and steadier than the epoch lines, which arrive through
+    two log relays."""
+    snapshot = world.root / "out" / name / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being written
+        return 0
+    return latest["metrics"]["epoch"] + 1 if latest else 0
 
 
-def worker_actors(world: World, submission_id: str, *filters: str) -> list[dict]:
-    """The Ray Train worker actors of a job, with the IP of the node each ran on."""
-    ips = {n["node_id"]: n["node_ip"] for n in world.cluster.state("nodes")}
-    job = job_id(world, submission_id)
-    actors = [a for a in world.cluster.state("actors", "class_name=RayTrainWorker", *filters) if a["job_id"] == job]
-    return [{**a, "node_ip": ips[a["node_id"]]} for a in actors]
+def wait_checkpointed(world: World, job, name: str, epochs: int, timeout: float = 420) -> float:
+    """Wait until `epochs` epochs of run `name` are checkpointed. -> when that was seen"""
+    wait_for(f"{name}: a checkpoint of epoch {epochs}", lambda: checkpointed(world, name) >= epochs, timeout,
+             job.proc, job.log)
+    return time.monotonic()
 
 
 def mlflow_epochs(world: World, name: str) -> tuple[str, list[int]]:
@@ -135,14 +129,15 @@ def test_nodes_see_only_the_test_network(world):
 
 def test_submit_runs_two_workers_on_two_nodes(world, digits):
     job = world.cluster.submit(train(world, digits, "submit", epochs=2), cwd=str(REPO), name="submit")
-    first = job.wait_epochs(1, timeout=420)
+    first = wait_checkpointed(world, job, "submit", 1)
     assert job.wait(timeout=300) == 0, job.output()[-4000:]
-    print(f"\nsubmit -> first finished epoch: {first - job.started:.1f} s; the whole job {time.monotonic() - job.started:.1f} s")
+    print(f"\nsubmit -> first epoch checkpointed: {first - job.started:.1f} s; "
+          f"the whole job: {time.monotonic() - job.started:.1f} s")
     assert "Job 'submit' succeeded" in job.output()
     assert job.epochs() == [1, 2]
 
-    workers = worker_actors(world, "submit")
-    assert len({a["node_id"] for a in workers}) == 2, workers
+    workers = world.cluster.train_workers("submit")
+    assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, workers
     assert {a["node_ip"] for a in workers} == {world.net.addr["w1"], world.net.addr["w2"]}
 
     status, steps = mlflow_epochs(world, "submit")
@@ -154,20 +149,28 @@ def test_submit_runs_two_workers_on_two_nodes(world, digits):
 
 def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint(world, digits):
     world.cluster.add_node()  # three 1-CPU nodes: the two survivors can take the two workers
-    job = world.cluster.submit(train(world, digits, "nodeloss", epochs=4), cwd=str(REPO), name="nodeloss")
-    job.wait_epochs(1, timeout=420)
+    job = world.cluster.submit(train(world, digits, "nodeloss", epochs=3), cwd=str(REPO), name="nodeloss")
+    wait_checkpointed(world, job, "nodeloss", 1)
     hosts = sorted(n for n in world.cluster.hosting("RayTrainWorker") if n != "head")
     assert len(hosts) == 2, hosts
     victim = hosts[0]
     killed = time.monotonic()
     world.cluster.kill_node(victim)
-    done = len(job.epochs())
-    next_epoch = job.wait_epochs(done + 1, timeout=420)
-    print(f"\nnode {victim} killed after {done} epoch(s) -> next finished epoch: {next_epoch - killed:.1f} s")
-    survivors = {world.net.addr[n] for n in world.cluster.nodes if n not in ("head", victim)}
-    resumed = worker_actors(world, "nodeloss", "state=ALIVE")  # while the run goes on
-    assert {a["node_ip"] for a in resumed} == survivors and len({a["node_id"] for a in resumed}) == 2, resumed
+    done = checkpointed(world, "nodeloss")
+    assert done < 3, "the run ended before the node was lost"
+    recovered = wait_checkpointed(world, job, "nodeloss", done + 1)
     assert job.wait(timeout=420) == 0, job.output()[-4000:]
+    print(f"\nnode {victim} killed after epoch {done} -> epoch {done + 1} checkpointed: {recovered - killed:.1f} s")
 
-    assert job.epochs() == [1, 2, 3, 4], "each epoch once: resumed from the checkpoint, not from the start"
-    assert mlflow_epochs(world, "nodeloss") == ("FINISHED", [0, 1, 2, 3])
+    # The worker groups, by placement group: the first lost a worker with the node; every later
+    # one ran on the two nodes left.
+    groups: dict[str, list[dict]] = {}
+    for worker in world.cluster.train_workers("nodeloss"):
+        groups.setdefault(worker["placement_group_id"], []).append(worker)
+    lost = world.net.addr[victim]
+    later = [g for g in groups.values() if all(w["node_ip"] != lost for w in g)]
+    survivors = {world.net.addr[n] for n in world.cluster.nodes if n not in ("head", victim)}
+    assert len(groups) == len(later) + 1 and later, groups
+    assert all(len(g) == 2 and {w["node_ip"] for w in g} == survivors for g in later), groups
+    assert job.epochs() == [1, 2, 3], "each epoch once: resumed from the checkpoint, not from the start"
+    assert mlflow_epochs(world, "nodeloss") == ("FINISHED", [0, 1, 2])
