@@ -19,6 +19,7 @@ veth too; a test that fails still gets there through its fixture's `with`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import ClassVar, Self
 
 SUBNET = "10.77.0"
+PREFIX = "raysnet-"  # every namespace of the harness: raysnet-<pid of the test process>-<node>
 BIN = str(Path(sys.executable).parent)  # ray, mlflow, moto_server and python of this interpreter
 
 
@@ -43,7 +45,7 @@ def unavailable() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "`ip` (iproute2) is not installed"
-    probe = f"rnprobe{os.getpid()}"
+    probe = f"{PREFIX}probe-{os.getpid()}"
     if subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False).returncode != 0:
         return "`ip netns add` fails here"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
@@ -77,8 +79,8 @@ def _ip(*args: str) -> None:
 class Net:
     """A bridge in a namespace of its own, and a namespace per node with lo and one veth on it."""
 
-    def __init__(self, prefix: str | None = None):
-        self.prefix = prefix or f"rn{os.getpid()}"
+    def __init__(self):
+        self.prefix = f"{PREFIX}{os.getpid()}"
         self.bridge = f"{self.prefix}-br"
         self.addr: dict[str, str] = {}  # node name -> its address
         self._lock = threading.Lock()
@@ -121,19 +123,11 @@ class Net:
 
     def pids(self, name: str) -> list[int]:
         """Every process living in node `name`'s namespace."""
-        out = subprocess.run(["ip", "netns", "pids", self.ns(name)], capture_output=True, text=True, check=False).stdout
-        return [int(p) for p in out.split()]
+        return _namespace_pids(self.ns(name))
 
-    def kill_all(self, name: str, timeout: float = 15) -> None:
-        """SIGKILL every process of a namespace, by pid, until none is left."""
-        deadline = time.monotonic() + timeout
-        while (pids := self.pids(name)) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+    def kill_all(self, name: str) -> None:
+        """SIGKILL every process of node `name`'s namespace, by pid, until none is left."""
+        _kill_namespace(self.ns(name))
 
     def cut(self, name: str) -> None:
         """Take node `name` off the network (its bridge port goes down; its processes live on)."""
@@ -151,15 +145,54 @@ class Net:
 
     def close(self) -> None:
         for ns in reversed(self._namespaces):
-            self.kill_all(ns.removeprefix(f"{self.prefix}-"))
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)  # its veth goes with it
+            _delete_namespace(ns)
         self._namespaces.clear()
+
+    @staticmethod
+    def remove_stale() -> list[str]:
+        """Delete the namespaces (and kill the processes) a harness whose test process is gone
+        left behind, e.g. after a SIGKILL. -> their names"""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        stale = {ns for ns in re.findall(rf"^({PREFIX}(\d+)-\S+)", listed, re.MULTILINE) if not _alive(int(ns[1]))}
+        for ns, _ in stale:
+            _delete_namespace(ns)
+        return sorted(ns for ns, _ in stale)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _namespace_pids(ns: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _kill_namespace(ns: str, timeout: float = 15) -> None:
+    """SIGKILL every process of a namespace, by pid, until none is left."""
+    deadline = time.monotonic() + timeout
+    while (pids := _namespace_pids(ns)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _delete_namespace(ns: str) -> None:
+    """Kill what lives in a namespace, then delete it (its end of a veth pair goes with it, and
+    takes the other end along)."""
+    _kill_namespace(ns)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def base_env(home: Path, **extra: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,8 @@ def world():
     why = unavailable()
     if why:
         pytest.skip(f"the multi-node harness needs root and network namespaces: {why}")
-    links = _root_links()
+    Net.remove_stale()  # what a killed test process left
+    links, user_ray = _root_links(), _listing(Path.home() / ".ray")
     root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths live under it
     net = Net()
     try:
@@ -67,6 +69,11 @@ def world():
     left = [ns for ns in namespaces.split() if ns.startswith(net.prefix)]
     assert not left, f"namespaces left behind: {left}"
     assert _root_links() == links, "the root namespace's interfaces changed"
+    assert _listing(Path.home() / ".ray") == user_ray, "~/.ray changed (the harness has a HOME of its own)"
+
+
+def _listing(folder: Path) -> list[tuple[str, int]]:
+    return sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def train(world: World, digits, name: str, epochs: int) -> list[str]:
@@ -125,6 +132,31 @@ def mlflow_epochs(world: World, name: str) -> tuple[str, list[int]]:
 
 def test_nodes_see_only_the_test_network(world):
     assert_isolated(world)
+
+
+def test_the_cluster_demands_its_token(world):
+    """Token authentication is on: the dashboard refuses a request without the token."""
+    script = ("import sys, urllib.request, urllib.error\n"
+              "def status(headers):\n"
+              "    request = urllib.request.Request(sys.argv[1] + '/api/jobs/', headers=headers)\n"
+              "    try:\n"
+              "        return urllib.request.urlopen(request, timeout=30).status\n"
+              "    except urllib.error.HTTPError as e:\n"
+              "        return e.code\n"
+              "print(status({}), status({'Authorization': 'Bearer ' + sys.argv[2]}))\n")
+    done = world.net.run("head", [sys.executable, "-c", script, world.cluster.dashboard, world.cluster.token],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["401", "200"]
+
+
+def test_a_worker_finds_the_interface_of_its_node_ip(world):
+    """raysnet.train.network, inside a node: the node's address is on eth0, loopback on lo."""
+    script = ("import sys\n"
+              "from raysnet.train.network import interface_of\n"
+              "print(interface_of(sys.argv[1]), interface_of('127.0.0.1'), interface_of('192.0.2.1'))\n")
+    done = world.net.run("w1", [sys.executable, "-c", script, world.net.addr["w1"]], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["eth0", "lo", "None"]
 
 
 def test_submit_runs_two_workers_on_two_nodes(world, digits):
