@@ -7,9 +7,10 @@ address; and Ray, which advertises a routable address unless told otherwise, adv
 namespace's one, so its nodes form a real multi-node cluster.
 
     with Net() as net:
-        stores = Stores(net, root)                      # moto's S3 server + MLflow server
-        cluster = RayCluster(net, root, workers=2)      # head (0 CPUs) + two 1-CPU nodes
-        job = cluster.submit(["python", "-m", "raysnet.train", "run.workers=2"], cwd=repo)
+        stores = Stores(net, root)                   # moto's S3 server + MLflow server
+        cluster = RayCluster(net, root, workers=2)   # head (0 CPUs) + two 1-CPU nodes
+        job = cluster.submit(["python", "-m", "raysnet.train", "run.workers=2"], cwd=repo, name="a")
+        assert job.wait(timeout=600) == 0
 
 The test process stays in the root namespace: it reads results from files (all namespaces share
 the filesystem) or runs a short command inside a namespace. On close every process of every
@@ -252,8 +253,9 @@ class RayCluster:
         self.head_ip = net.add("head")
         self.gcs, self.dashboard = f"{self.head_ip}:6379", f"http://{self.head_ip}:8265"
         # RAY_API_SERVER_ADDRESS: Ray's state API clients inside the cluster (Ray Train's placement
-        # group cleaner polls it every second) otherwise look for "the local cluster" among every
-        # gcs_server process of the machine and in /tmp/ray, and find other Ray instances there.
+        # group cleaner polls it every second) otherwise guess "the local cluster" from every
+        # gcs_server process they can see (the process table is shared) and /tmp/ray, and find
+        # other Ray instances of this machine there.
         self.env = base_env(root / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
                             RAY_API_SERVER_ADDRESS=self.dashboard)
         self._start("head", ["--head", "--port=6379", f"--dashboard-host={self.head_ip}", "--dashboard-port=8265",
@@ -264,7 +266,8 @@ class RayCluster:
             self._wait_started(name)
 
     def _start(self, name: str, args: list[str]) -> None:
-        # Short temp dirs: Ray's Unix socket paths under them are limited to 107 bytes.
+        # Short temp dirs: Ray's Unix socket paths under them are limited to 107 bytes. A small
+        # object store: every node's lives in the machine's one /dev/shm.
         tmp = tempfile.mkdtemp(prefix=f"{name}-", dir=self.root)
         cmd = ["ray", "start", "--block", f"--node-ip-address={self.net.addr[name]}", f"--temp-dir={tmp}",
                "--disable-usage-stats", "--object-store-memory=100000000", *args]
@@ -330,13 +333,15 @@ class RayCluster:
             raise AssertionError(f"Ray's state API failed:\n{done.stdout}\n{done.stderr}")
         return json.loads(done.stdout.splitlines()[-1])
 
+
 class Stores:
     """In a namespace of its own: an S3 server (moto's standalone server: a real server speaking
     the S3 protocol) and an MLflow tracking server with a SQLite store and its artifacts in a
     bucket of that S3 server."""
 
     S3_PORT, MLFLOW_PORT, BUCKET = 9000, 5000, "raysnet"
-    KEYS: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    KEYS: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                                      "AWS_DEFAULT_REGION": "us-east-1"}
 
     def __init__(self, net: Net, root: Path, node: str = "store"):
         self.net, self.root, self.node = net, root, node
