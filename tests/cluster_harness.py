@@ -8,8 +8,9 @@ namespace's one, so its nodes form a real multi-node cluster.
 
     with Net() as net:
         stores = Stores(net, root)                   # moto's S3 server + MLflow server
-        cluster = RayCluster(net, root, workers=2)   # head (0 CPUs) + two 1-CPU nodes
-        job = cluster.submit(["python", "-m", "raysnet.train", "run.workers=2"], cwd=repo, name="a")
+        cluster = RayCluster(net, root, workers=2, env=stores.s3_env)  # head (0 CPUs) + two 1-CPU nodes
+        job = cluster.submit(["python", "-m", "raysnet.train", "run.workers=2", "data.root=s3://raysnet/digits"],
+                             cwd=repo, name="a")
         assert job.wait(timeout=600) == 0
 
 The test process stays in the root namespace: it reads results from files (all namespaces share
@@ -20,6 +21,7 @@ veth too; a test that fails still gets there through its fixture's `with`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -244,9 +246,11 @@ class RayCluster:
     """A head with no CPUs (the job's driver and Ray Train's controller need none) and 1-CPU
     worker nodes, each a `ray start --block` in its own namespace, all with token authentication.
     Each node has its own temp dir: nodes sharing one on a shared filesystem delete each other's
-    copy of a job's working directory (see test_cluster.py)."""
+    copy of a job's working directory (see test_cluster.py), and its own HOME: its own dataset
+    cache (~/.cache/raysnet/remote), as on separate machines. `env`: more variables for every node
+    and the submitter (e.g. the AWS_* of Stores.s3_env: a job's workers inherit their node's)."""
 
-    def __init__(self, net: Net, root: Path, workers: int = 2):
+    def __init__(self, net: Net, root: Path, workers: int = 2, env: dict[str, str] | None = None):
         self.net, self.root = net, root
         self.token = secrets.token_hex(32)
         self.nodes: dict[str, Service] = {}
@@ -257,7 +261,7 @@ class RayCluster:
         # gcs_server process they can see (the process table is shared) and /tmp/ray, and find
         # other Ray instances of this machine there.
         self.env = base_env(root / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
-                            RAY_API_SERVER_ADDRESS=self.dashboard)
+                            RAY_API_SERVER_ADDRESS=self.dashboard, **(env or {}))
         self._start("head", ["--head", "--port=6379", f"--dashboard-host={self.head_ip}", "--dashboard-port=8265",
                              "--num-cpus=0"])
         for _ in range(workers):
@@ -271,7 +275,13 @@ class RayCluster:
         tmp = tempfile.mkdtemp(prefix=f"{name}-", dir=self.root)
         cmd = ["ray", "start", "--block", f"--node-ip-address={self.net.addr[name]}", f"--temp-dir={tmp}",
                "--disable-usage-stats", "--object-store-memory=100000000", *args]
-        self.nodes[name] = Service(self.net, name, cmd, self.root / f"{name}.log", self.env)
+        home = self.home(name)
+        home.mkdir(parents=True, exist_ok=True)
+        self.nodes[name] = Service(self.net, name, cmd, self.root / f"{name}.log", {**self.env, "HOME": str(home)})
+
+    def home(self, name: str) -> Path:
+        """Node `name`'s HOME (its dataset cache is under .cache/raysnet/remote)."""
+        return self.root / f"home-{name}"
 
     def _wait_started(self, name: str, timeout: float = 180) -> None:
         node = self.nodes[name]
@@ -313,6 +323,13 @@ class RayCluster:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
         return Job(self.net, node, [*cmd, "--", *entrypoint], self.root / f"job-{name}.log", self.env, cwd=cwd)
 
+    def stop_job(self, submission_id: str) -> None:
+        """`ray job stop` (it waits until the job has stopped), from inside the head's namespace, with the token."""
+        done = self.net.run("head", ["ray", "job", "stop", "--address", self.dashboard, submission_id], env=self.env,
+                            capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise AssertionError(f"ray job stop {submission_id} failed:\n{done.stdout}\n{done.stderr}")
+
     def train_workers(self, submission_id: str) -> list[dict]:
         """The Ray Train worker actors of a job, from Ray's state API (asked from inside the head):
         [{"actor_id", "state", "node_id", "node_ip", "placement_group_id"}] (one placement group
@@ -343,21 +360,33 @@ class Stores:
     KEYS: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                                       "AWS_DEFAULT_REGION": "us-east-1"}
 
-    def __init__(self, net: Net, root: Path, node: str = "store"):
+    def __init__(self, net: Net, root: Path, node: str = "store", start: bool = True):
         self.net, self.root, self.node = net, root, node
         ip = net.add(node)
         self.s3, self.tracking_uri = f"http://{ip}:{self.S3_PORT}", f"http://{ip}:{self.MLFLOW_PORT}"
         self.db = root / "mlflow.db"
-        # What a client of the bucket needs (a job gets it through its runtime env's env_vars).
+        # What a client of the bucket needs (every Ray node gets it; its workers inherit it).
         self.s3_env = {**self.KEYS, "AWS_ENDPOINT_URL": self.s3, "MLFLOW_S3_ENDPOINT_URL": self.s3}
         self.env = base_env(root / "home", **self.s3_env)
+        self.services: list[Service] = []
+        self._reader: subprocess.Popen | None = None
+        self._reader_lock = threading.Lock()
+        if start:
+            self.start()
+
+    def start(self) -> Self:
+        """Start both servers and wait until they answer (their addresses are known before: pass
+        s3_env to the Ray nodes while this runs). -> self"""
+        ip = self.net.addr[self.node]
         self.services = [
-            Service(net, node, ["moto_server", "-H", ip, "-p", str(self.S3_PORT)], root / "moto.log", self.env),
-            Service(net, node, ["mlflow", "server", "--host", ip, "--port", str(self.MLFLOW_PORT), "--workers", "1",
-                                "--backend-store-uri", f"sqlite:///{self.db}",
-                                "--artifacts-destination", f"s3://{self.BUCKET}/mlartifacts"],
-                    root / "mlflow.log", self.env)]
+            Service(self.net, self.node, ["moto_server", "-H", ip, "-p", str(self.S3_PORT)], self.root / "moto.log",
+                    self.env),
+            Service(self.net, self.node, ["mlflow", "server", "--host", ip, "--port", str(self.MLFLOW_PORT),
+                                          "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}",
+                                          "--artifacts-destination", f"s3://{self.BUCKET}/mlartifacts"],
+                    self.root / "mlflow.log", self.env)]
         self._wait_up()
+        return self
 
     def _wait_up(self) -> None:
         # From inside: create the bucket once S3 answers, then wait for MLflow's /health.
@@ -379,15 +408,49 @@ class Stores:
             logs = "\n".join(f"--- {s.log.name}\n{s.output()[-2000:]}" for s in self.services)
             raise AssertionError(f"the S3 or MLflow server did not start: {done.stderr}\n{logs}")
 
+    # One S3 client that stays up in the store's namespace (the test process cannot reach the
+    # bucket from the root namespace): a request a line on its stdin, an answer a line on its
+    # stdout. Cheap enough to poll every fraction of a second, which a new process each time is not.
+    _READER = ("import base64, json, sys, boto3\n"
+               "s3 = boto3.client('s3')\n"
+               "for line in sys.stdin:\n"
+               "    op, bucket, key = json.loads(line)\n"
+               "    try:\n"
+               "        if op == 'get':\n"
+               "            out = base64.b64encode(s3.get_object(Bucket=bucket, Key=key)['Body'].read()).decode()\n"
+               "        else:\n"
+               "            pages = s3.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=key)\n"
+               "            out = [o['Key'] for p in pages for o in p.get('Contents', [])]\n"
+               "    except s3.exceptions.NoSuchKey:\n"
+               "        out = None\n"
+               "    print(json.dumps(out), flush=True)\n")
+
+    def _ask(self, op: str, key: str):
+        with self._reader_lock:
+            if self._reader is None or self._reader.poll() is not None:
+                self._reader = self.net.exec(self.node, [sys.executable, "-c", self._READER], env=self.env,
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                             start_new_session=True)
+            self._reader.stdin.write(json.dumps([op, self.BUCKET, key]) + "\n")
+            self._reader.stdin.flush()
+            line = self._reader.stdout.readline()
+        if not line:
+            raise AssertionError(f"the S3 reader in {self.node} died (exit {self._reader.wait()})")
+        return json.loads(line)
+
     def objects(self, prefix: str = "") -> list[str]:
         """Keys in the bucket under `prefix`, listed from inside the store's namespace over S3."""
-        script = ("import sys, boto3\n"
-                  "pages = boto3.client('s3').get_paginator('list_objects_v2').paginate(Bucket=sys.argv[1], "
-                  "Prefix=sys.argv[2])\n"
-                  "print('\\n'.join(o['Key'] for p in pages for o in p.get('Contents', [])))\n")
-        done = self.net.run(self.node, [sys.executable, "-c", script, self.BUCKET, prefix], env=self.env,
-                            capture_output=True, text=True, timeout=60, check=True)
-        return done.stdout.split()
+        return self._ask("list", prefix)
+
+    def read(self, key: str) -> bytes | None:
+        """An object of the bucket, or None when there is none."""
+        data = self._ask("get", key)
+        return None if data is None else base64.b64decode(data)
+
+    def requests(self) -> list[tuple[str, str, str]]:
+        """Every request the S3 server logged so far: (client address, method, path)."""
+        text = self.services[0].output() if self.services else ""
+        return re.findall(r'^(\S+) - - \[[^\]]*\] "([A-Z]+) (\S+) HTTP', text, re.MULTILINE)
 
     def client(self):
         """An MlflowClient on the server's SQLite store, read directly from the root namespace."""

@@ -1,9 +1,13 @@
-"""End to end on a real multi-node Ray cluster (issue 14): `ray job submit` of a 2-worker run
-whose workers land on two nodes, and a run that loses a node and finishes from its checkpoint.
+"""End to end on a real multi-node Ray cluster (issue 14), with the dataset, the checkpoints and
+MLflow's artifacts in a bucket of a real S3 server: `ray job submit` of a 2-worker run whose
+workers land on two nodes, each node fetching the dataset once; a driver stopped mid-run and the
+same command submitted again, resuming from the bucket; a run that loses a node and finishes from
+its checkpoint in the bucket.
 
 The cluster (tests/cluster_harness.py): a head with no CPUs and 1-CPU worker nodes, each in a
-network namespace of its own, token authentication on; an S3 server and an MLflow server (its
-artifacts in the bucket) in another. Needs root and `ip netns`; about four minutes on 2 cores.
+network namespace of its own, token authentication on, each with its own HOME (its own dataset
+cache) and the AWS_* variables of the S3 server, which its workers inherit; an S3 server and an
+MLflow server (its artifacts in the bucket) in another namespace. Needs root and `ip netns`.
 
 Two causes found on the way, for the record:
 - Gloo binds to the address the hostname resolves to, 127.0.0.1 here (/etc/hosts), so a group
@@ -18,6 +22,7 @@ Two causes found on the way, for the record:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -34,6 +39,8 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "raysnet-digits"
+DATA = f"s3://{Stores.BUCKET}/digits"  # prepared there by the fixture `world`
+RUNS = "runs"  # run.storage=s3://<bucket>/runs
 
 
 @dataclass
@@ -58,10 +65,18 @@ def world():
     root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths live under it
     net = Net()
     try:
+        stores = Stores(net, root, start=False)
         with ThreadPoolExecutor(1) as pool:
-            stores = pool.submit(Stores, net, root)  # the servers start while the Ray nodes do
-            cluster = RayCluster(net, root, workers=2)
-            yield World(net, cluster, stores.result(), root)
+            started = pool.submit(stores.start)  # the servers start while the Ray nodes do
+            cluster = RayCluster(net, root, workers=2, env=stores.s3_env)
+            started.result()
+        # The dataset goes to the bucket as a user puts it there; from the store's namespace (the
+        # root namespace has no route to the bucket).
+        done = net.run("store", [sys.executable, "-m", "raysnet.prepare", "source=digits", f"out={DATA}",
+                                 "progress=false"], env=stores.env, cwd=str(REPO), capture_output=True, text=True,
+                       timeout=300)
+        assert done.returncode == 0, f"prepare out={DATA} failed:\n{done.stdout}\n{done.stderr}"
+        yield World(net, cluster, stores, root)
     finally:
         net.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -76,11 +91,31 @@ def _listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else []
 
 
-def train(world: World, digits, name: str, epochs: int) -> list[str]:
+def train(world: World, name: str, epochs: int, log_model: bool = False) -> list[str]:
     # 12 steps an epoch (of 22): epochs of a few seconds, still long enough to kill a node in one.
     return ["python", "-m", "raysnet.train", "arch=resnet20", f"epochs={epochs}", "run.workers=2", "batch_size=64",
-            "run.max_steps=12", "tracking.log_model=false", f"data.root={digits}", f"run.storage={world.root}/out",
-            f"run.name={name}", f"tracking.uri={world.stores.tracking_uri}"]
+            "run.max_steps=12", f"tracking.log_model={str(log_model).lower()}", f"data.root={DATA}",
+            f"run.storage=s3://{Stores.BUCKET}/{RUNS}", f"run.name={name}", f"tracking.uri={world.stores.tracking_uri}"]
+
+
+def dataset_fetches(world: World) -> dict[str, float]:
+    """Node name -> how many times it downloaded the dataset's train.beton, from the GETs in the S3
+    server's log: a copy reads raysnet.storage.CHUNK bytes at a time, each read one ranged GET."""
+    from raysnet import storage
+
+    size = json.loads(world.stores.read(f"{DATA.removeprefix(f's3://{Stores.BUCKET}/')}/meta.json"))
+    per_copy = math.ceil(size["files"]["train.beton"]["size"] / storage.CHUNK)
+    names = {ip: name for name, ip in world.net.addr.items()}
+    gets: dict[str, int] = {}
+    for client, method, path in world.stores.requests():
+        if method == "GET" and path.split("?")[0] == f"/{DATA.removeprefix('s3://')}/train.beton":
+            gets[names.get(client, client)] = gets.get(names.get(client, client), 0) + 1
+    return {node: n / per_copy for node, n in gets.items()}
+
+
+def cached(world: World, node: str) -> bool:
+    """Node `node`'s cache (under its own HOME) holds the dataset, finished (meta.json is written last)."""
+    return any((world.cluster.home(node) / ".cache" / "raysnet" / "remote").glob("digits-*/meta.json"))
 
 
 def assert_isolated(world: World) -> None:
@@ -100,34 +135,46 @@ def assert_isolated(world: World) -> None:
 
 
 def checkpointed(world: World, name: str) -> int:
-    """Epochs with a checkpoint, as Ray Train's controller records them on (shared) disk the
-    moment it registers one: earlier and steadier than the epoch lines, which arrive through
-    two log relays."""
-    snapshot = world.root / "out" / name / "checkpoint_manager_snapshot.json"
+    """Epochs with a checkpoint, as Ray Train's controller records them in run.storage (the
+    bucket) the moment it registers one: earlier and steadier than the epoch lines, which arrive
+    through two log relays."""
+    snapshot = world.stores.read(f"{RUNS}/{name}/checkpoint_manager_snapshot.json")
     try:
-        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-    except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being written
+        latest = json.loads(snapshot)["latest_checkpoint_result"]
+    except (TypeError, json.JSONDecodeError):  # not yet, or being written
         return 0
     return latest["metrics"]["epoch"] + 1 if latest else 0
 
 
 def wait_checkpointed(world: World, job, name: str, epochs: int, timeout: float = 420) -> float:
     """Wait until `epochs` epochs of run `name` are checkpointed. -> when that was seen"""
-    wait_for(f"{name}: a checkpoint of epoch {epochs}", lambda: checkpointed(world, name) >= epochs, timeout,
-             job.proc, job.log)
+    wait_for(f"{name}: a checkpoint of epoch {epochs} in the bucket", lambda: checkpointed(world, name) >= epochs,
+             timeout, job.proc, job.log)
     return time.monotonic()
 
 
-def mlflow_epochs(world: World, name: str) -> tuple[str, list[int]]:
-    """(status, the MLflow steps of val_err) of the one run called `name`, read from the server's SQLite."""
+def mlflow_run(world: World, name: str):
+    """The one MLflow run called `name`, read from the server's SQLite."""
     from raysnet.tracking import RUN_NAME_TAG
 
     client = world.stores.client()
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
     assert len(runs) == 1, [r.info.run_id for r in runs]
-    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_err"))
-    return runs[0].info.status, steps
+    return runs[0]
+
+
+def mlflow_epochs(world: World, name: str) -> tuple[str, list[int]]:
+    """(status, the MLflow steps of val_err) of the one run called `name`."""
+    run = mlflow_run(world, name)
+    steps = sorted(m.step for m in world.stores.client().get_metric_history(run.info.run_id, "val_err"))
+    return run.info.status, steps
+
+
+def checkpoints_in_bucket(world: World, name: str) -> set[str]:
+    """The checkpoint directories of run `name` in run.storage (the bucket)."""
+    return {key.split("/")[2] for key in world.stores.objects(f"{RUNS}/{name}/")
+            if key.split("/")[2].startswith("checkpoint_") and key.count("/") >= 3}
 
 
 def test_nodes_see_only_the_test_network(world):
@@ -159,11 +206,11 @@ def test_a_worker_finds_the_interface_of_its_node_ip(world):
     assert done.stdout.split() == ["eth0", "lo", "None"]
 
 
-def test_submit_runs_two_workers_on_two_nodes(world, digits):
-    job = world.cluster.submit(train(world, digits, "submit", epochs=2), cwd=str(REPO), name="submit")
+def test_submit_runs_two_workers_on_two_nodes_from_the_bucket(world):
+    job = world.cluster.submit(train(world, "submit", epochs=2, log_model=True), cwd=str(REPO), name="submit")
     first = wait_checkpointed(world, job, "submit", 1)
     assert job.wait(timeout=300) == 0, job.output()[-4000:]
-    print(f"\nsubmit -> first epoch checkpointed: {first - job.started:.1f} s; "
+    print(f"\nsubmit -> first epoch checkpointed in the bucket: {first - job.started:.1f} s; "
           f"the whole job: {time.monotonic() - job.started:.1f} s")
     assert "Job 'submit' succeeded" in job.output()
     assert job.epochs() == [1, 2]
@@ -172,16 +219,52 @@ def test_submit_runs_two_workers_on_two_nodes(world, digits):
     assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, workers
     assert {a["node_ip"] for a in workers} == {world.net.addr["w1"], world.net.addr["w2"]}
 
+    # Each node downloaded the dataset once, into its own cache; the head (the driver) only checked it.
+    assert dataset_fetches(world) == {"w1": 1, "w2": 1}, world.stores.requests()
+    assert cached(world, "w1") and cached(world, "w2") and not cached(world, "head")
+
+    assert len(checkpoints_in_bucket(world, "submit")) >= 1, world.stores.objects(f"{RUNS}/submit/")
+    assert f"{RUNS}/submit/raysnet-config.yaml" in world.stores.objects(f"{RUNS}/submit/")
+    assert not (REPO / "outputs" / "submit").exists() and not list(world.root.glob("**/submit/checkpoint_*"))
+
     status, steps = mlflow_epochs(world, "submit")
     assert (status, steps) == ("FINISHED", [0, 1])
+    run = mlflow_run(world, "submit")
+    models = world.stores.client().search_logged_models(experiment_ids=[run.info.experiment_id])
+    mine = [m for m in models if m.source_run_id == run.info.run_id]
+    assert mine, models
+    keys = world.stores.objects(f"mlartifacts/{run.info.experiment_id}/models/")
+    assert any(f"/models/{m.model_id}/artifacts/MLmodel" in key for m in mine for key in keys), keys
     assert any("/artifacts/checkpoint/" in key for key in world.stores.objects("mlartifacts/")), \
         "the run's checkpoint artifacts are not in the bucket"
     assert_isolated(world)
 
 
-def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint(world, digits):
+def test_a_stopped_driver_resumes_from_the_bucket_when_submitted_again(world):
+    command = train(world, "driverloss", epochs=3)
+    job = world.cluster.submit(command, cwd=str(REPO), name="driverloss-1")
+    wait_checkpointed(world, job, "driverloss", 1)
+    stopped = time.monotonic()
+    world.cluster.stop_job("driverloss-1")
+    job.wait(timeout=120)
+    assert "stopped" in job.output().lower(), job.output()[-4000:]
+    done = checkpointed(world, "driverloss")  # what the bucket holds once the driver is gone
+    assert 1 <= done < 3, f"{done} epochs checkpointed: the run was not stopped mid-run"
+
+    again = world.cluster.submit(command, cwd=str(REPO), name="driverloss-2")
+    resumed = wait_checkpointed(world, again, "driverloss", done + 1)
+    assert again.wait(timeout=420) == 0, again.output()[-4000:]
+    print(f"\ndriver stopped after epoch {done} -> resubmitted -> epoch {done + 1} checkpointed: "
+          f"{resumed - again.started:.1f} s after the resubmit, {resumed - stopped:.1f} s after the stop")
+    assert "raysnet: resuming" in again.output(), again.output()[-4000:]
+    assert again.epochs() == list(range(done + 1, 4)), "resumed from the bucket, not from epoch 0"
+    assert mlflow_epochs(world, "driverloss") == ("FINISHED", [0, 1, 2])
+    assert dataset_fetches(world) == {"w1": 1, "w2": 1}, "a node downloaded the dataset again"
+
+
+def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint_in_the_bucket(world):
     world.cluster.add_node()  # three 1-CPU nodes: the two survivors can take the two workers
-    job = world.cluster.submit(train(world, digits, "nodeloss", epochs=3), cwd=str(REPO), name="nodeloss")
+    job = world.cluster.submit(train(world, "nodeloss", epochs=3), cwd=str(REPO), name="nodeloss")
     wait_checkpointed(world, job, "nodeloss", 1)
     hosts = sorted(n for n in world.cluster.hosting("RayTrainWorker") if n != "head")
     assert len(hosts) == 2, hosts
@@ -206,3 +289,4 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint(world,
     assert all(len(g) == 2 and {w["node_ip"] for w in g} == survivors for g in later), groups
     assert job.epochs() == [1, 2, 3], "each epoch once: resumed from the checkpoint, not from the start"
     assert mlflow_epochs(world, "nodeloss") == ("FINISHED", [0, 1, 2])
+    assert set(dataset_fetches(world).values()) == {1}, "each node downloads the dataset at most once"
