@@ -9,8 +9,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -19,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from clitools import one_paragraph, ray_started, run_cli
 from torch import nn
 
 from raysnet import checkpoint
 from raysnet.config import ConfigError, load_config
 from raysnet.errors import UsageError
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Payload:
@@ -36,22 +33,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def cli(module: str, *args: str, timeout: int = 120) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc, time.monotonic() - start
-
-
-def one_paragraph(proc: subprocess.CompletedProcess) -> str:
-    """The error of a command that must stop on bad input: exit 2, one paragraph, no traceback."""
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    assert err.startswith("error:") and "\n\n" not in err and err.count("error:") == 1, err
-    return " ".join(err.split())
 
 
 # --- 1. checkpoints are read with weights_only=True ----------------------------------------------
@@ -86,10 +67,9 @@ def test_a_hostile_pickle_is_refused_unexecuted(hostile):
 
 
 @pytest.mark.parametrize("module", ["raysnet.evaluate", "raysnet.analyze"])
-def test_a_hostile_checkpoint_stops_the_command(hostile, module):
+def test_a_hostile_checkpoint_stops_the_command(capsys, hostile, module):
     path, marker = hostile
-    proc, _ = cli(module, f"checkpoint={path}")
-    msg = one_paragraph(proc)
+    msg = one_paragraph(run_cli(capsys, module, f"checkpoint={path}"))
     assert str(path) in msg and "not a raysnet checkpoint or state dict" in msg and "was not executed" in msg
     assert not marker.exists()
 
@@ -177,35 +157,35 @@ def test_safe_run_names_pass(name):
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/abs", "it's"])
-def test_run_name_cannot_leave_run_storage(tmp_path, digits, name):
+def test_run_name_cannot_leave_run_storage(capsys, tmp_path, digits, name):
     storage = tmp_path / "x" / "inner"
     name = str(tmp_path / "abs") if name == "/abs" else name
-    proc, _ = cli("raysnet.train", f"data.root={digits}", f"run.storage={storage}", f"run.name={name}")
-    msg = one_paragraph(proc)
+    msg = one_paragraph(run_cli(capsys, "raysnet.train", f"data.root={digits}", f"run.storage={storage}",
+                                f"run.name={name}"))
     assert "'run.name'" in msg and repr(name) in msg
     assert list(tmp_path.iterdir()) == []  # nothing written anywhere, inside run.storage or out of it
 
 
 # --- 3. what Ray would find only after starting, found before ---------------------------------------
 
-def _train_fails_early(tmp_path: Path, *args: str) -> str:
+def _train_fails_early(capsys, tmp_path: Path, *args: str) -> str:
     storage = tmp_path / "runs"
-    proc, seconds = cli("raysnet.train", f"run.storage={storage}", "run.name=early", *args)
-    msg = one_paragraph(proc)
-    assert seconds < 60
-    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    start = time.monotonic()
+    msg = one_paragraph(run_cli(capsys, "raysnet.train", f"run.storage={storage}", "run.name=early", *args))
+    assert time.monotonic() - start < 60
+    assert not ray_started()
     assert not (storage / "mlflow.db").exists() and not storage.exists()  # no MLflow store, no run config
     return msg
 
 
-def test_a_batch_larger_than_the_training_split(tmp_path, digits):
-    msg = _train_fails_early(tmp_path, f"data.root={digits}", "batch_size=100000")
+def test_a_batch_larger_than_the_training_split(capsys, tmp_path, digits):
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", "batch_size=100000")
     assert "batch_size=100000" in msg and "1437 samples" in msg and "zero steps" in msg
     assert "Lower batch_size to at most 1438" in msg
 
 
-def test_zero_steps_per_epoch_from_max_steps(tmp_path, digits):
-    msg = _train_fails_early(tmp_path, f"data.root={digits}", "run.max_steps=0")
+def test_zero_steps_per_epoch_from_max_steps(capsys, tmp_path, digits):
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", "run.max_steps=0")
     assert "'run.max_steps'" in msg and "zero training steps" in msg
 
 
@@ -214,24 +194,24 @@ def test_zero_steps_per_epoch_from_max_steps(tmp_path, digits):
     (lambda m: m["splits"]["train"]["per_class"].pop("9"), "splits.train.per_class counts labels of 9 classes"),
     (lambda m: m["splits"]["val"]["per_class"].update({"3": 99}), "splits.val.per_class counts"),
 ])
-def test_meta_json_that_contradicts_itself(tmp_path, digits, change, words):
+def test_meta_json_that_contradicts_itself(capsys, tmp_path, digits, change, words):
     data = tmp_path / "digits"
     shutil.copytree(digits, data)
     meta = json.loads((data / "meta.json").read_text())
     change(meta)
     (data / "meta.json").write_text(json.dumps(meta))
-    msg = _train_fails_early(tmp_path, f"data.root={data}")
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={data}")
     assert f"'{data / 'meta.json'}'" in msg and words in msg
 
 
-def test_keep_checkpoints_below_one(tmp_path, digits):
-    msg = _train_fails_early(tmp_path, f"data.root={digits}", "run.keep_checkpoints=0")
+def test_keep_checkpoints_below_one(capsys, tmp_path, digits):
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", "run.keep_checkpoints=0")
     assert "'run.keep_checkpoints'" in msg and "at least 1" in msg
 
 
 @pytest.mark.parametrize("uri", ["garbage://x", "s3://bucket/mlflow", "ftp://host/x"])
-def test_a_tracking_uri_mlflow_cannot_use(tmp_path, digits, uri):
-    msg = _train_fails_early(tmp_path, f"data.root={digits}", f"tracking.uri={uri}")
+def test_a_tracking_uri_mlflow_cannot_use(capsys, tmp_path, digits, uri):
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", f"tracking.uri={uri}")
     assert "'tracking.uri'" in msg and repr(uri) in msg and "http:, https:, sqlite:" in msg
 
 
