@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import command, one_paragraph
 from torch import nn
 
 from raysnet import cli
@@ -111,3 +112,10 @@ def test_cli_rejects_unknown_keys(tmp_path, capsys):
     with pytest.raises(SystemExit) as missing:
         cli.main(run, [f"checkpoint={tmp_path}"])
     assert missing.value.code == 2 and "no raysnet checkpoint" in capsys.readouterr().err
+
+
+def test_the_analyze_command_line_itself(tmp_path):
+    """`python -m raysnet.analyze` as typed (the tests above call its entry point in this process)."""
+    proc = command("raysnet.analyze", f"checkpoint={tmp_path}", "batchs=2", timeout=120)
+    msg = one_paragraph(proc)
+    assert "'batchs'" in msg and "batches" in msg and proc.stdout == ""

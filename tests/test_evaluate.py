@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from clitools import command, one_paragraph, run_cli
 from torch import nn
 
 from raysnet.config import load_config
 from raysnet.evaluate import EvalConfig, load_for_testing, predict, views
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ten_crop_and_multiscale_views():
@@ -62,18 +59,21 @@ def checkpoint(tmp_path_factory, digits) -> Path:
     return tmp / "checkpoint.pt"
 
 
-def test_evaluate_command_prints_every_mode(checkpoint):
-    out = subprocess.run([sys.executable, "-m", "raysnet.evaluate", f"checkpoint={checkpoint}", "scales=[32,48]",
-                          "max_batches=2", "log=false"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stdout.splitlines() if "top-1 error" in line]
+def test_evaluate_command_prints_every_mode(capsys, checkpoint):
+    out = run_cli(capsys, "raysnet.evaluate", f"checkpoint={checkpoint}", "scales=[32,48]", "max_batches=2",
+                  "log=false")
+    assert out.code == 0, out.err
+    lines = [line for line in out.out.splitlines() if "top-1 error" in line]
     assert [line.split()[1] for line in lines] == ["single:", "10crop:", "multiscale:"]
     assert all("(64 images of digits)" in line for line in lines)
 
 
-def test_evaluate_rejects_bad_input_clearly(tmp_path, checkpoint):
+def test_evaluate_rejects_bad_input_clearly(capsys, tmp_path, checkpoint):
     for args, words in ((["checkpoint=/nope.pt"], "is not a file"), ([f"checkpoint={checkpoint}", "mode=5crop"], "mode"),
                         ([f"checkpoint={checkpoint}", "optim.lr=1"], "unknown key 'optim.lr'")):
-        out = subprocess.run([sys.executable, "-m", "raysnet.evaluate", *args], cwd=REPO, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert words in one_paragraph(run_cli(capsys, "raysnet.evaluate", *args)), args
+
+
+def test_the_evaluate_command_line_itself():
+    """`python -m raysnet.evaluate` as typed (the tests above call its entry point in this process)."""
+    assert "unknown key 'optim.lr'" in one_paragraph(command("raysnet.evaluate", "checkpoint=/nope.pt", "optim.lr=1"))
