@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clitools import command, one_paragraph, ray_started, run_cli
 
 from raysnet.config import ConfigError
 from raysnet.tune import spec as sweeps
@@ -93,12 +92,18 @@ def test_mistakes_name_the_key(text, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_cli_rejects_a_bad_sweep_before_anything_starts(tmp_path):
+def test_cli_rejects_a_bad_sweep_before_anything_starts(capsys, tmp_path):
     (tmp_path / "bad.yaml").write_text("name: bad\nrecipe: digits\ngrid: {optim.weight_decayy: [0.1]}\n")
-    out = subprocess.run([sys.executable, "-m", "raysnet.tune", str(tmp_path / "bad.yaml"),
-                          f"run.storage={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         check=False)
-    assert out.returncode == 2 and "optim.weight_decayy" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(capsys, "raysnet.tune", str(tmp_path / "bad.yaml"), f"run.storage={tmp_path / 'out'}")
+    assert "optim.weight_decayy" in one_paragraph(out)
+    assert not (tmp_path / "out").exists()
+    assert not ray_started()
+
+
+def test_the_tune_command_line_itself(tmp_path):
+    """`python -m raysnet.tune` as typed (the test above calls its entry point in this process)."""
+    proc = command("raysnet.tune", "epochs=1", f"run.storage={tmp_path / 'out'}", timeout=120)
+    assert "usage: python -m raysnet.tune" in one_paragraph(proc) and proc.stdout == ""
     assert not (tmp_path / "out").exists()
 
 
