@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clitools import one_paragraph, ray_started, run_cli
 from servers import free_port
 
 from raysnet import storage
@@ -114,12 +115,12 @@ def train_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subp
                           timeout=timeout, check=False, env={**os.environ, "RAY_TMPDIR": "/tmp", **(env or {})})
 
 
-def _one_paragraph_exit_2(out: subprocess.CompletedProcess, *words: str) -> None:
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    err = out.stderr.strip()
-    assert err.startswith("error:") and "Traceback" not in err and "\n\n" not in err, err
+def _one_paragraph_exit_2(capsys, *args: str, words: tuple[str, ...]) -> None:
+    """`python -m raysnet.train ARGS` (its entry point, in this process) stops before Ray: exit 2, one paragraph."""
+    msg = one_paragraph(run_cli(capsys, "raysnet.train", *args))
     for word in words:
-        assert word in err, (word, err)
+        assert word in msg, (word, msg)
+    assert not ray_started()
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +139,16 @@ def _listing(uri: str) -> dict[str, int]:
     return {i.path: i.size for i in filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))}
 
 
-def test_bad_object_storage_stops_before_training_and_changes_nothing(s3, s3_digits, tmp_path):
+def test_bad_object_storage_stops_before_training_and_changes_nothing(s3, s3_digits, tmp_path, capsys, monkeypatch):
     before = _listing("s3://data")
-    out = train_cli(*FAST, "data.root=s3://data/missing", f"run.storage={tmp_path}")
-    _one_paragraph_exit_2(out, "data.root=s3://data/missing", "meta.json is missing")
-    out = train_cli(*FAST, f"data.root={s3_digits}", "run.storage=s3://data/runs")
-    _one_paragraph_exit_2(out, "run.storage=s3://data/runs", "tracking.uri")
-    unreachable = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    out = train_cli(*FAST, f"data.root={s3_digits}", f"run.storage={tmp_path}", env=unreachable)
-    _one_paragraph_exit_2(out, f"data.root={s3_digits}")
+    _one_paragraph_exit_2(capsys, *FAST, "data.root=s3://data/missing", f"run.storage={tmp_path}",
+                          words=("data.root=s3://data/missing", "meta.json is missing"))
+    _one_paragraph_exit_2(capsys, *FAST, f"data.root={s3_digits}", "run.storage=s3://data/runs",
+                          words=("run.storage=s3://data/runs", "tracking.uri"))
+    with monkeypatch.context() as unreachable:
+        unreachable.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        _one_paragraph_exit_2(capsys, *FAST, f"data.root={s3_digits}", f"run.storage={tmp_path}",
+                              words=(f"data.root={s3_digits}",))
     assert _listing("s3://data") == before  # nothing in the bucket changed
     assert not (tmp_path / "mlflow.db").exists()
 
