@@ -7,7 +7,8 @@ its checkpoint in the bucket.
 The cluster (tests/cluster_harness.py): a head with no CPUs and 1-CPU worker nodes, each in a
 network namespace of its own, token authentication on, each with its own HOME (its own dataset
 cache) and the AWS_* variables of the S3 server, which its workers inherit; an S3 server and an
-MLflow server (its artifacts in the bucket) in another namespace. Needs root and `ip netns`.
+MLflow server (its artifacts in the bucket) in another namespace. Needs root and `ip netns`;
+about seven minutes on 2 otherwise idle cores (nine with another test run beside it).
 
 Two causes found on the way, for the record:
 - Gloo binds to the address the hostname resolves to, 127.0.0.1 here (/etc/hosts), so a group
@@ -67,15 +68,10 @@ def world():
     try:
         stores = Stores(net, root, start=False)
         with ThreadPoolExecutor(1) as pool:
-            started = pool.submit(stores.start)  # the servers start while the Ray nodes do
+            # The servers start, and the dataset goes to the bucket, while the Ray nodes start.
+            ready = pool.submit(lambda: _prepare_in_bucket(net, stores.start()))
             cluster = RayCluster(net, root, workers=2, env=stores.s3_env)
-            started.result()
-        # The dataset goes to the bucket as a user puts it there; from the store's namespace (the
-        # root namespace has no route to the bucket).
-        done = net.run("store", [sys.executable, "-m", "raysnet.prepare", "source=digits", f"out={DATA}",
-                                 "progress=false"], env=stores.env, cwd=str(REPO), capture_output=True, text=True,
-                       timeout=300)
-        assert done.returncode == 0, f"prepare out={DATA} failed:\n{done.stdout}\n{done.stderr}"
+            ready.result()
         yield World(net, cluster, stores, root)
     finally:
         net.close()
@@ -85,6 +81,14 @@ def world():
     assert not left, f"namespaces left behind: {left}"
     assert _root_links() == links, "the root namespace's interfaces changed"
     assert _listing(Path.home() / ".ray") == user_ray, "~/.ray changed (the harness has a HOME of its own)"
+
+
+def _prepare_in_bucket(net: Net, stores: Stores) -> None:
+    """The dataset goes to the bucket as a user puts it there, from the store's namespace (the root
+    namespace has no route to the bucket)."""
+    done = net.run("store", [sys.executable, "-m", "raysnet.prepare", "source=digits", f"out={DATA}", "progress=false"],
+                   env=stores.env, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"prepare out={DATA} failed:\n{done.stdout}\n{done.stderr}"
 
 
 def _listing(folder: Path) -> list[tuple[str, int]]:
