@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 from raysnet.config import Config, ConfigError, flatten, from_dict, load_config, to_dict
 from raysnet.models import list_models
 
-
 # --- recipes and groups -----------------------------------------------------------------------
 
 def test_defaults():
