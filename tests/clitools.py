@@ -50,17 +50,23 @@ def _exit_status(code: object) -> int:
 def run_cli(capsys, tool: str, *args: str) -> Result:
     """`python -m TOOL ARGS...` in this process: its entry point through raysnet.cli.main, with
     the repository root as working directory. -> (exit status, stdout, stderr)"""
-    from raysnet import cli
+    from raysnet import cli, lifecycle
 
     run = importlib.import_module(MODULES[tool]).run
     capsys.readouterr()  # only what this command prints
-    with contextlib.chdir(REPO):
-        try:
+    # Every way to Ray goes through lifecycle.connect_ray: count the calls (and let them through),
+    # since an e2e test earlier in the session may already have a Ray running in this process.
+    real, _CONNECTS[:] = lifecycle.connect_ray, []
+    lifecycle.connect_ray = lambda *a, **kw: (_CONNECTS.append(a), real(*a, **kw))[1]
+    try:
+        with contextlib.chdir(REPO):
             cli.main(run, list(args))
-        except SystemExit as e:
-            code = _exit_status(e.code)
-        else:
-            raise AssertionError(f"raysnet.cli.main returned for {tool} instead of exiting")
+    except SystemExit as e:
+        code = _exit_status(e.code)
+    else:
+        raise AssertionError(f"raysnet.cli.main returned for {tool} instead of exiting")
+    finally:
+        lifecycle.connect_ray = real
     printed = capsys.readouterr()
     return Result(code, printed.out, printed.err)
 
@@ -78,10 +84,12 @@ def one_paragraph(result: Result | subprocess.CompletedProcess) -> str:
     return " ".join(err.split())
 
 
+_CONNECTS: list = []  # the last run_cli's calls of lifecycle.connect_ray
+
+
 def ray_started() -> bool:
-    """Whether this process has a Ray running (without importing Ray to ask)."""
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
+    """Whether the last command run by run_cli went as far as connecting to (or starting) Ray."""
+    return bool(_CONNECTS)
 
 
 def command(tool: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
