@@ -198,14 +198,14 @@ def build(bench: Bench, classes: int, total: int) -> tuple[Stepper, float]:
     """Network and optimiser, as in the worker; and the FLOPs of one image, counted on the eager model."""
     from raysnet.models import build_model
     from raysnet.train.schedule import lr_factor
-    from raysnet.train.worker import make_optimizer
+    from raysnet.train.worker import compiled, make_optimizer
 
     cfg = bench.cfg
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     raw = build_model(cfg.arch, num_classes=classes, shortcut=cfg.model.shortcut, variant=cfg.model.variant)
     raw = raw.to(bench.device, memory_format=memory_format).train()
     flops = flops_per_image(raw, bench.size, classes, bench.device, bench.dtype, cfg.model.channels_last)
-    model = torch.compile(raw) if cfg.model.compile else raw
+    model = compiled(raw, cfg)
     optimizer = make_optimizer(raw, cfg, bench.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
     return Stepper(bench, model, optimizer, scheduler), flops

@@ -32,7 +32,8 @@ from raysnet.errors import UsageError  # noqa: E402
 CONFIG_FILE = "raysnet-config.yaml"
 # Keys a resumed run may change: they alter how it runs, not what it computes.
 RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run.cpus_per_worker",
-                  "data.loader_workers", "tracking.log_model", "model.compile", "run.ddp_static_graph"}
+                  "data.loader_workers", "tracking.log_model", "model.compile", "model.compile_mode",
+                  "run.ddp_static_graph", "data.loader"}
 # A job submitted with --working-dir runs in a copy Ray deletes later (see README, "Training").
 RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
 
@@ -165,6 +166,10 @@ def preflight(cfg: Config) -> tuple[Config, dict, bool]:
     check_dataset(cfg.data)
     _check_meta(cfg, meta)
     _check_steps(cfg, meta)
+    if cfg.data.loader == "device":
+        from raysnet.data import resident
+
+        resident.check(cfg.data, meta)
     tracking.check_reachable(cfg.tracking.uri)
     return cfg, meta, check_resume(cfg)
 
@@ -205,7 +210,7 @@ def _free_port(preferred: int) -> int:
     raise OSError("no free port on 127.0.0.1")
 
 
-def gpus_per_worker(cfg: Config) -> int:
+def gpus_per_worker(cfg: Config) -> float:
     """run.gpus_per_worker, else 1 when the cluster has GPUs. A local Ray (one this process
     started, no autoscaler behind it) that can never hold the request is an error now, not a
     wait without end; a cluster we were submitted to may still be scaling up, so Ray waits there."""
@@ -222,7 +227,7 @@ def gpus_per_worker(cfg: Config) -> int:
     return cfg.run.gpus_per_worker
 
 
-def hardware(gpus: int, cfg: Config) -> str:
+def hardware(gpus: float, cfg: Config) -> str:
     import platform
 
     import ray
@@ -250,7 +255,7 @@ def _epoch_printer(epochs: int):
     return EpochPrinter()
 
 
-def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: int, callbacks: list):
+def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: list):
     """The `TorchTrainer` of one run."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -306,7 +311,7 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
         raise
 
 
-def _describe(cfg: Config, meta: dict, gpus: int, steps: int) -> str:
+def _describe(cfg: Config, meta: dict, gpus: float, steps: int) -> str:
     from raysnet.models import get_arch
 
     return (f"{cfg.arch} ({get_arch(cfg.arch).depth} layers) on {cfg.data.name} [{len(meta['classes'])} classes], "

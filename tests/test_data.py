@@ -544,35 +544,41 @@ def coordinate_images(n: int, size: int = 32) -> np.ndarray:
     return np.repeat(image[None], n, axis=0)
 
 
-def test_cifar_pad_crop_and_flip(tmp_path):
-    n = 200
-    write_dataset(from_arrays("coords", ["x"], (coordinate_images(n), np.zeros(n, int)),
-                              (coordinate_images(4), np.zeros(4, int))), tmp_path / "ds", RAW)
-    meta = check_dataset(DataConfig(root=str(tmp_path / "ds")))
-    train, _ = loaders(tmp_path / "ds", meta, batch_size=50, train_aug="cifar", pad=4, crop=32, flip=True)
-    images = np.concatenate([collect(train)[0], collect(train)[0]]).astype(int)  # two epochs
-    assert images.shape == (2 * n, 32, 32, 3)
-
-    flips, shifts = 0, set()
-    for im in images:
+def read_windows(images: np.ndarray, pad: int = 4) -> list[tuple[int, int, bool]]:
+    """(dy, dx, mirrored) of each 32x32 crop of `coordinate_images`, after checking every pixel: zeros
+    exactly where the padding is, and the image shifted by (dy, dx) everywhere else."""
+    windows = []
+    for im in images.astype(int):
         inside = im[..., 2] != 0  # blue is 200 on the image, 0 on the padding
         r = np.argwhere(inside)[0][0]
         green = im[r, inside[r], 1]
-        if green[1] < green[0]:  # columns run backwards: mirrored
-            flips += 1
+        mirrored = bool(green[1] < green[0])  # columns run backwards
+        if mirrored:
             im, inside = im[:, ::-1], inside[:, ::-1]
         r, c = np.argwhere(inside)[0]  # the window's first image pixel
         dy, dx = (im[r, c, 0] - 10) // 7 - r, (im[r, c, 1] - 10) // 7 - c  # window offset from the image
-        assert abs(dy) <= 4 and abs(dx) <= 4
-        shifts.add((dy, dx))
+        assert abs(dy) <= pad and abs(dx) <= pad
         expected = np.zeros((32, 32), bool)
         expected[max(0, -dy):32 - max(0, dy), max(0, -dx):32 - max(0, dx)] = True
         assert np.array_equal(inside, expected)  # zeros exactly where the padding is
         rows, cols = np.nonzero(expected)
         assert np.array_equal(im[rows, cols, 0], 10 + 7 * (rows + dy))  # and the image, shifted
         assert np.array_equal(im[rows, cols, 1], 10 + 7 * (cols + dx))
-    assert 0.4 < flips / len(images) < 0.6  # p = 1/2; 400 draws put 0.1 at 4 standard deviations
-    assert {dy for dy, _ in shifts} == set(range(-4, 5)) and {dx for _, dx in shifts} == set(range(-4, 5))
+        windows.append((int(dy), int(dx), mirrored))
+    return windows
+
+
+def test_cifar_pad_crop_and_flip(tmp_path):
+    n = 200
+    write_dataset(from_arrays("coords", ["x"], (coordinate_images(n), np.zeros(n, int)),
+                              (coordinate_images(4), np.zeros(4, int))), tmp_path / "ds", RAW)
+    meta = check_dataset(DataConfig(root=str(tmp_path / "ds")))
+    train, _ = loaders(tmp_path / "ds", meta, batch_size=50, train_aug="cifar", pad=4, crop=32, flip=True)
+    images = np.concatenate([collect(train)[0], collect(train)[0]])  # two epochs
+    assert images.shape == (2 * n, 32, 32, 3)
+    windows = read_windows(images)
+    assert 0.4 < np.mean([m for *_, m in windows]) < 0.6  # p = 1/2; 400 draws put 0.1 at 4 standard deviations
+    assert {dy for dy, *_ in windows} == set(range(-4, 5)) and {dx for _, dx, _ in windows} == set(range(-4, 5))
 
 
 def test_scale_augmentation_shorter_side_in_range():

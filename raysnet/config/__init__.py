@@ -263,8 +263,10 @@ def validate(cfg: Config) -> None:
                           "fractions of the run between 0 and 1, e.g. [0.5,0.75] for the paper's CIFAR steps.")
     if cfg.data.scale_range[0] > cfg.data.scale_range[1]:
         raise ConfigError(f"bad value for 'data.scale_range': {list(cfg.data.scale_range)}. Expected [min, max].")
-    if cfg.run.gpus_per_worker is not None and cfg.run.gpus_per_worker < 0:
-        raise ConfigError(f"bad value for 'run.gpus_per_worker': {cfg.run.gpus_per_worker}. Expected 0 or more.")
+    gpus = cfg.run.gpus_per_worker
+    if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+        raise ConfigError(f"bad value for 'run.gpus_per_worker': {gpus}. Expected 0 or more: a fraction of one GPU "
+                          "(e.g. 0.2, five workers sharing it) or a whole number of GPUs.")
     check_run_name(cfg.run.name)
 
 

@@ -16,6 +16,9 @@ class ModelConfig:
     variant: Optional[Literal["v1", "v1.5"]] = None  # None: the paper's "v1"
     channels_last: bool = True
     compile: bool = False  # torch.compile the model in each worker
+    # torch.compile's mode: "reduce-overhead" replays CUDA graphs (small nets, where kernel launches
+    # cost more than the kernels), "max-autotune" also tunes its kernels; "default" neither.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class DataConfig:
     scale_range: tuple[int, int] = (256, 480)
     val_resize: int = 256
     colour: bool = False  # AlexNet-style colour (brightness/contrast/saturation) augmentation
+    # "ffcv": FFCV loaders decode and augment every batch on the CPU; "device": each split is decoded
+    # once into device memory and batches are cut and augmented there (raysnet.data.resident: the
+    # CIFAR recipe on datasets that fit, for small nets a CPU loader cannot feed).
+    loader: Literal["ffcv", "device"] = "ffcv"
     loader_workers: int = 2  # FFCV decoding threads per Ray worker
     os_cache: bool = True  # let the OS page cache hold the .beton (small datasets); False: FFCV's QUASI_RANDOM
     # Progressive resizing (issue 7, FFCV's ImageNet recipe; train_aug=rrc only): the training crop
@@ -83,7 +90,9 @@ class OptimConfig:
 class RunConfig:
     name: str = ""  # empty: <arch>-<data>-<time>; rerunning with the same name resumes
     workers: int = 2
-    gpus_per_worker: Optional[int] = None  # None: 1 when the cluster has GPUs, else 0
+    # None: 1 when the cluster has GPUs, else 0. A fraction shares a GPU: 0.2 puts five trials of a
+    # sweep on one device, each process limited to that share of its memory.
+    gpus_per_worker: Optional[float] = None
     cpus_per_worker: int = 1
     max_failures: int = 3  # worker/node failures survived by restarting from the last checkpoint
     storage: str = "outputs"  # Ray storage_path: checkpoints, results, local MLflow store

@@ -151,6 +151,11 @@ def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, dev
     """
     root = dataset_dir(data)
     rank, world = _rank_world(distributed)
+    if data.loader == "device":  # the whole dataset on the device (raysnet.data.resident)
+        from raysnet.data import resident
+
+        return resident.make_loaders(data, meta, batch_size, root=root, device=device, seed=seed, rank=rank,
+                                     world=world, channels_last=channels_last)
     tail = to_batch(meta, device, channels_last)
     labels = label_pipeline(device)
     # QUASI_RANDOM reads pages in a shuffled-but-local order when the .beton does not fit the

@@ -216,6 +216,9 @@ def _seed_and_device(cfg: Config, rank: int) -> torch.device:
     random.seed(cfg.run.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        share = cfg.run.gpus_per_worker
+        if share is not None and 0 < share < 1:  # a GPU shared by several trials: keep to our part
+            torch.cuda.set_per_process_memory_fraction(share, device)
     return device
 
 
@@ -240,9 +243,12 @@ def _network(cfg: Config, classes: int) -> tuple[nn.Module, nn.Module]:
     if cfg.model.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs=ddp_kwargs(cfg))
-    if cfg.model.compile:
-        model = torch.compile(model)
-    return model, raw
+    return compiled(model, cfg), raw
+
+
+def compiled(model: nn.Module, cfg: Config) -> nn.Module:
+    """The model as model.compile and model.compile_mode ask (reduce-overhead: CUDA graphs)."""
+    return torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
 
 
 def _restore(raw: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[int, list[dict[str, float]]]:

@@ -212,8 +212,8 @@ def _concurrency(spec: Sweep, cfg: Config, ray) -> int:
     resources = ray.cluster_resources()
     fit = int(resources.get("CPU", 1) // (cfg.run.workers * cfg.run.cpus_per_worker))
     gpus = lifecycle.gpus_per_worker(cfg)
-    if gpus:
-        fit = min(fit, int(resources.get("GPU", 0) // (cfg.run.workers * gpus)))
+    if gpus:  # fractional shares: 1 GPU / 0.2 is five trials (not 1 // 0.2, which is 4.0 in floats)
+        fit = min(fit, math.floor(resources.get("GPU", 0) / (cfg.run.workers * gpus) + 1e-6))
     return max(1, fit)
 
 
