@@ -256,10 +256,12 @@ def summary(bench: Bench, *, rate: float, seconds: float, timed_steps: int, flop
     cfg, achieved = bench.cfg, rate * flops / 1e12
     cpu = f"CPU ({torch.get_num_threads()} threads)"
     return {"device": device_name(bench.device) if bench.device.type == "cuda" else cpu,
-            "arch": cfg.arch, "data": bench.data if bench.data == "synthetic" else f"ffcv:{cfg.data.root}",
+            "arch": cfg.arch,
+            "data": bench.data if bench.data == "synthetic" else f"{cfg.data.loader}:{cfg.data.root}",
             "recipe": bench.recipe, "batch": bench.batch, "size": bench.size,
             "dtype": str(bench.dtype or torch.float32),
-            "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
+            "channels_last": cfg.model.channels_last,
+            "compile": cfg.model.compile and cfg.model.compile_mode,
             "images_per_sec": round(rate, 1), "step_ms": round(1000 * seconds / timed_steps, 2),
             "gflops_per_image": round(flops / 1e9, 3), "achieved_tflops": round(achieved, 2),
             "peak_tflops": peak, "mfu": round(achieved / peak, 4) if peak else None}
