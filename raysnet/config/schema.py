@@ -16,9 +16,12 @@ class ModelConfig:
     variant: Optional[Literal["v1", "v1.5"]] = None  # None: the paper's "v1"
     channels_last: bool = True
     compile: bool = False  # torch.compile the model in each worker
-    # torch.compile's mode: "reduce-overhead" replays CUDA graphs (small nets, where kernel launches
-    # cost more than the kernels), "max-autotune" also tunes its kernels; "default" neither.
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # torch.compile's mode: "reduce-overhead" replays CUDA graphs of Inductor's kernels (small nets,
+    # where kernel launches cost more than the kernels), "max-autotune" also tunes those kernels,
+    # "default" neither; "cudagraphs" replays CUDA graphs of the eager kernels (torch.compile's
+    # cudagraphs backend: no kernel generation, so it compiles in seconds).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                          "cudagraphs"] = "default"
 
 
 @dataclass(frozen=True)

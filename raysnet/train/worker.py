@@ -247,8 +247,12 @@ def _network(cfg: Config, classes: int) -> tuple[nn.Module, nn.Module]:
 
 
 def compiled(model: nn.Module, cfg: Config) -> nn.Module:
-    """The model as model.compile and model.compile_mode ask (reduce-overhead: CUDA graphs)."""
-    return torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
+    """The model as model.compile and model.compile_mode ask (reduce-overhead, cudagraphs: CUDA graphs)."""
+    if not cfg.model.compile:
+        return model
+    if cfg.model.compile_mode == "cudagraphs":
+        return torch.compile(model, backend="cudagraphs")
+    return torch.compile(model, mode=cfg.model.compile_mode)
 
 
 def _restore(raw: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[int, list[dict[str, float]]]:
