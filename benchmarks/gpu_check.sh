@@ -15,7 +15,7 @@
 #
 # The GPU machine may lack raysnet's dependencies (Ray and MLflow are not needed: nothing here
 # imports them). What it lacks comes with the working tree, in folders git ignores (made by
-# benchmarks/gpu_bundle.sh):
+# benchmarks/gpu_bundle.sh, installed into /tmp/raysnet-env by benchmarks/gpu_env.sh):
 #   .whl/      omegaconf, antlr4 and FFCV 1.0.2 (cp312) with its pure-Python dependencies;
 #              .whl/optional/ torchvision, installed only where it is missing (model.py)
 #   .gpulib/   libs.tar.xz: libturbojpeg, libopencv_core/imgproc and the libraries they load
@@ -59,30 +59,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limi
 nvidia-smi || true
 echo "cpus: $(nproc), $($PY --version 2>&1)"
 
-# Install each carried wheel whose module this Python lacks (a wheel is a zip: unpacking it into
-# a directory on PYTHONPATH installs it), and unpack FFCV's shared libraries.
-$PY - <<'EOF'
-import importlib.util, sys, tarfile, zipfile
-from pathlib import Path
-
-site = Path("/tmp/site")
-site.mkdir(exist_ok=True)
-for wheel in sorted(Path(".whl").glob("*.whl")) + sorted(Path(".whl/optional").glob("*.whl")):
-    with zipfile.ZipFile(wheel) as z:
-        tops = {n.split("/")[0] for n in z.namelist() if not n.split("/")[0].endswith((".dist-info", ".libs"))}
-        modules = sorted(t[:-3] if t.endswith(".py") else t for t in tops)
-        if all(importlib.util.find_spec(m) is not None for m in modules):
-            print(f"have {', '.join(modules)}; not installing {wheel.name}")
-            continue
-        z.extractall(site)
-        print(f"installed {wheel.name}")
-libs = Path(".gpulib/libs.tar.xz")
-if libs.exists():
-    with tarfile.open(libs) as t:
-        t.extractall("/tmp/gpulib", filter="data")
-    print(f"unpacked {libs} into /tmp/gpulib")
-EOF
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Install each carried wheel whose module this Python lacks, and FFCV's shared libraries, into
+# /tmp/raysnet-env (benchmarks/gpu_env.sh; also Ray and MLflow where .gpuenv was carried), and put
+# them on PYTHONPATH. Not yet on LD_LIBRARY_PATH: step 5 adds the libraries.
+GPU_ENV_NO_LD=1
+source benchmarks/gpu_env.sh
+unset GPU_ENV_NO_LD
 $PY - <<'EOF'
 import sys, torch
 import raysnet.train.worker, raysnet.models  # noqa: F401  (must not need Ray or MLflow)
@@ -117,7 +99,7 @@ step "benchmarks/model.py" 150 $PY benchmarks/model.py $MODEL
 
 # --- 5. FFCV: real photographs and real CIFAR-10, prepared here. Only FFCV's extension needs the
 # carried libraries: the steps before ran without them.
-export LD_LIBRARY_PATH="/tmp/gpulib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="${RAYSNET_ENV:-/tmp/raysnet-env}/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if step "import ffcv" 60 $PY -c "import ffcv, ffcv.libffcv, raysnet.data; print('ffcv', ffcv.__file__)"; then
     cat > "$WORK/trees.py" <<'EOF'
 # ImageFolder trees for raysnet.prepare: the ImageNet sample's 100 photographs repeated (symlinks)
