@@ -12,7 +12,7 @@
 # Installs into $RAYSNET_ENV (/tmp/raysnet-env), each part once (a part already there is skipped, so
 # a command sent within 30 s of the last one, while the GPU machine's /tmp survives, needs to carry
 # only what is still missing):
-#   .gpuenv/*.tar.xz    -> site/   Ray, MLflow and what they need (set 1; ~3 s)
+#   .gpuenv/*.tar.xz    -> site/   Ray, MLflow and what they need (set 1: 27.7 MiB, 178 MB unpacked, ~6 s)
 #   .whl/*.whl          -> site/   each wheel whose module the GPU machine lacks (omegaconf, FFCV, ...);
 #                                  .whl/optional/ too (torchvision, only where missing)
 #   .gpulib/libs.tar.xz -> lib/    the shared libraries FFCV's extension loads
@@ -22,9 +22,11 @@
 # GPU_ENV_NO_LD=1: benchmarks/gpu_check.sh adds lib/ itself for its FFCV steps) and
 # RAY_USAGE_STATS_ENABLED=0 (no network). It warns about each requirement of a carried package that
 # the GPU machine's own packages do not meet (a version the bundle was not built against).
-# Two commands, when the bundle is over the 64 MiB one command carries (gpu_bundle.sh says):
-#   1st: carry .gpuenv                   bash benchmarks/gpu_env.sh
+# Two commands, when the bundle is over the 64 MiB one command carries (gpu_bundle.sh says which):
+#   1st: carry .gpuenv                   bash benchmarks/gpu_env.sh     (~10 s with its import check)
 #   2nd: carry .whl .gpulib .gpudata     bash benchmarks/gpu_env.sh python3 -m raysnet.train ...
+# (or `source benchmarks/gpu_env.sh` at the top of a script, as benchmarks/gpu_check.sh does).
+# Bash only. Installing everything takes ~10 s; a part already installed costs nothing.
 
 _gpu_env_setup() {
     local root py env
@@ -99,14 +101,14 @@ try:
     from packaging.requirements import Requirement
 except ImportError:
     print("gpu_env: no packaging module: requirements not checked")
-    sys.exit(0)
+    Requirement = None
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 dropped = site / "raysnet-env-dropped.txt"
 dropped = set(dropped.read_text().split()) if dropped.exists() else set()
 extras = {"ray": ("", "default", "train", "tune")}  # what gpu_bundle.sh installed
 also = {"opencv-python": ("opencv-python-headless",)}  # the same module, cv2
 unmet = 0
-for dist in carried:
+for dist in carried if Requirement else ():
     name = norm(dist.metadata["Name"])
     for line in dist.requires or ():
         req = Requirement(line)
@@ -125,6 +127,12 @@ for dist in carried:
             print(f"gpu_env: WARNING: {name} {dist.version} requires {req}; this machine has {have or 'none'}")
             unmet += 1
 print(f"gpu_env: {len(carried)} packages in {site}; {unmet} unmet requirement(s)")
+missing = [f"{m} (carry {folder})" for m, folder in (("ray", ".gpuenv"), ("mlflow", ".gpuenv"), ("omegaconf", ".whl"),
+                                                    ("ffcv", ".whl")) if importlib.util.find_spec(m) is None]
+if not (lib / "libturbojpeg.so.0").exists():
+    missing.append("FFCV's libraries (carry .gpulib)")
+if missing:
+    print(f"gpu_env: not installed yet: {', '.join(missing)}")
 EOF
     case ":${PYTHONPATH:-}:" in *":$env/site:$root:"*) ;; *)
         export PYTHONPATH="$env/site:$root${PYTHONPATH:+:$PYTHONPATH}" ;; esac
@@ -152,7 +160,7 @@ EOF
 }
 
 if [[ ${BASH_SOURCE[0]} != "$0" ]]; then  # sourced
-    _gpu_env_setup || echo "gpu_env: setup failed" >&2
+    _gpu_env_setup || { echo "gpu_env: setup failed" >&2; return 1; }
 else
     set -u -o pipefail
     _gpu_env_setup || exit 1
