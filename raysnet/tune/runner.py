@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raysnet import lifecycle, tracking
+from raysnet import lifecycle, storage, tracking
 from raysnet.config import Config
 from raysnet.tables import fmt, markdown_table
 from raysnet.tune import spec as sweeps
@@ -172,9 +172,10 @@ def best_row(rows: list[dict[str, Any]], spec: Sweep) -> dict[str, Any] | None:
     return min(ranked, key=lambda r: sign * r[spec.metric]) if ranked else None
 
 
-def summarize(mlflow, experiment_id: str, parent_run_id: str, spec: Sweep, out_dir: Path) -> tuple[list, str]:
-    """The trials' final metrics as rows and a Markdown table, written to `out_dir` and logged to
-    the parent run; the best trial's values become the parent's `best.*` metrics and tags."""
+def summarize(mlflow, experiment_id: str, parent_run_id: str, spec: Sweep, out_dir: str) -> tuple[list, str]:
+    """The trials' final metrics as rows and a Markdown table, written to `out_dir` (a local path or
+    a URI) and logged to the parent run; the best trial's values become the parent's `best.*`
+    metrics and tags."""
     from mlflow.entities import Metric
 
     rows = trial_rows(mlflow, experiment_id, parent_run_id, spec.metric)
@@ -187,11 +188,10 @@ def summarize(mlflow, experiment_id: str, parent_run_id: str, spec: Sweep, out_d
           fmt(r["val_err_top5"])] for r in rows])
     text = f"# Sweep {spec.name}\n\n{spec.description}\n\nmetric: {spec.metric} ({spec.mode}); " \
            f"best: {best['run'] if best else 'none yet'}\n\n{table}\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.md").write_text(text)
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
-    for name in ("summary.md", "summary.json"):
-        mlflow.log_artifact(parent_run_id, str(out_dir / name), "summary")
+    filesystem, root = storage.open_uri(out_dir, "run.storage")
+    for name, content in (("summary.md", text), ("summary.json", json.dumps(rows, indent=1, default=str))):
+        storage.write_text(filesystem, f"{root}/{name}", content, "run.storage")
+        mlflow.log_text(parent_run_id, content, f"summary/{name}")
     if best:
         now = int(time.time() * 1000)
         mlflow.log_batch(parent_run_id, metrics=[Metric(f"best.{k}", best[k], now, 0)
@@ -236,7 +236,8 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
     """`python -m raysnet.tune SWEEP.yaml [key=value ...] [sweep.key=value ...]` -> exit status."""
     spec, text, configs, base = prepare_sweep(path, cli, list(sweep_overrides))
     sweep_id = sweeps.identity(spec, cli)  # the file (with sweep.* overrides) and the command line
-    sweep_dir = Path(base.run.storage) / "sweeps" / sweep_id
+    # A local path (finalize made it absolute) or a URI (s3://...): joined as text, never as a Path.
+    sweep_dir = f"{base.run.storage.rstrip('/')}/sweeps/{sweep_id}"
     experiment = configs[0].tracking.experiment or spec.experiment or spec.name
     # Enough logical CPUs for the concurrent trials' workers, even on a small laptop (as a run does).
     ray = lifecycle.connect_ray((spec.max_concurrent_trials or 1) * base.run.workers * base.run.cpus_per_worker + 1)
@@ -246,14 +247,14 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
     exp_id = tracking.experiment_id(mlflow, experiment, base.run.storage, base.tracking.uri)
     n_trials = len(configs) * spec.num_samples
     parent, resumed = open_parent(mlflow, exp_id, sweep_id, spec, text, path, [*cli, *sweep_overrides], n_trials)
-    ctx = Context(spec=spec, cli=list(cli), sweep_id=sweep_id, parent_run_id=parent, storage=str(sweep_dir),
+    ctx = Context(spec=spec, cli=list(cli), sweep_id=sweep_id, parent_run_id=parent, storage=sweep_dir,
                   uri=base.tracking.uri, experiment=experiment, cwd=os.getcwd())
     print(f"raysnet: {'resuming' if resumed else 'starting'} sweep {sweep_id}: {n_trials} trial(s), "
           f"{concurrency} at a time, {spec.scheduler.type} scheduler on {spec.metric} ({spec.mode}); "
           f"MLflow experiment {experiment}, parent run {parent}", flush=True)
     results = _tuner(spec, ctx, sweep_dir, concurrency, base.epochs).fit()
 
-    rows, table = summarize(mlflow, exp_id, parent, spec, sweep_dir / "summary")
+    rows, table = summarize(mlflow, exp_id, parent, spec, f"{sweep_dir}/summary")
     errors = [str(e).splitlines()[0] for e in results.errors] if results.errors else []
     missing = n_trials - len(rows)
     mlflow.set_terminated(parent, status="FAILED" if errors or missing > 0 else "FINISHED")
@@ -263,7 +264,7 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
               f"{f', {missing} never started' if missing > 0 else ''}. Run the same command again to retry them; "
               "finished trials are kept.\n  " + "\n  ".join(errors))
         return 1
-    print(f"raysnet: sweep {sweep_id} done. Tune state: {sweep_dir / 'tune'}; MLflow: "
+    print(f"raysnet: sweep {sweep_id} done. Tune state: {sweep_dir}/tune; MLflow: "
           f"{tracking.ui_command(base.tracking.uri)}")
     return 0
 
@@ -280,15 +281,15 @@ def _domain(dist: sweeps.Distribution):
     return tune.uniform(*dist.uniform)
 
 
-def _tuner(spec: Sweep, ctx: Context, sweep_dir: Path, concurrency: int, epochs: int):
+def _tuner(spec: Sweep, ctx: Context, sweep_dir: str, concurrency: int, epochs: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_CPU, "GPU": 0})
-    exp_dir = sweep_dir / "tune"
-    if tune.Tuner.can_restore(str(exp_dir)):
-        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    exp_dir = f"{sweep_dir}/tune"
+    if tune.Tuner.can_restore(exp_dir):
+        return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
     if spec.scheduler.type == "asha":
         # stop_last_trials=False: a trial that reaches max_t ends by itself, so its run closes
         # normally (a stopped trial's actor is killed, and its TorchTrainer with it).
@@ -306,5 +307,5 @@ def _tuner(spec: Sweep, ctx: Context, sweep_dir: Path, concurrency: int, epochs:
             metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
             search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.seed),
             trial_name_creator=TrialName(ctx), trial_dirname_creator=TrialName(ctx)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=_tune_callbacks(ctx),
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, callbacks=_tune_callbacks(ctx),
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=1))
