@@ -147,8 +147,36 @@ def test_survives_a_killed_worker(ray_local, tmp_path, digits):
     assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
 
 
+def listening_sockets(pid: int) -> dict[str, set[str]]:
+    """Process name -> the addresses its listening TCP sockets are bound to, for `pid` and every
+    process below it (a local run's Ray processes and its Ray Train workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found: dict[str, set[str]] = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            name = " ".join(proc.cmdline()[:1]) or proc.name()  # Ray's workers retitle themselves ray::...
+            sockets = proc.net_connections(kind="inet")
+        except psutil.Error:  # gone meanwhile
+            continue
+        for s in sockets:
+            if s.status == psutil.CONN_LISTEN:
+                found.setdefault(name, set()).add(s.laddr.ip)
+    return found
+
+
+def loopback(ip: str) -> bool:
+    """127.0.0.1, ::1, or 127.0.0.1 as an IPv6 socket shows it (::ffff:127.0.0.1); not "::" or 0.0.0.0."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
 @pytest.mark.e2e
 def test_resumes_after_the_driver_is_killed(tmp_path, digits):
+    """Also: while it trains, every socket of the local run listens on loopback only (issue 13)."""
     args = [*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=again", "epochs=4"]
     env = {**os.environ, "RAY_TMPDIR": "/tmp"}
     driver = subprocess.Popen([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, env=env,
@@ -157,10 +185,13 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
         deadline = time.time() + 300
         while not list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt")) and time.time() < deadline:
             time.sleep(0.2)
+        sockets = listening_sockets(driver.pid)  # epoch 2 is training: the process group is up
         time.sleep(1)  # let Ray register the checkpoint it just wrote
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, by process group
         driver.wait(30)
+    assert any("RayTrainWorker" in name for name in sockets), sockets  # the workers, with the store and Gloo
+    assert all(loopback(ip) for ips in sockets.values() for ip in ips), sockets
     out = cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming" in out.stdout

@@ -1,4 +1,4 @@
-"""Which network interface the Ray Train workers' process group uses (issue 14).
+"""Which network interface the Ray Train workers' process group uses (issues 13 and 14).
 
 Gloo, unless GLOO_SOCKET_IFNAME names an interface, binds to the address the machine's hostname
 resolves to. Where the hostname resolves to 127.0.0.1 (Debian's and many images' /etc/hosts,
@@ -9,8 +9,14 @@ its process group starts, sets GLOO_SOCKET_IFNAME to the interface that holds it
 the node's network on a cluster, loopback on a local run (where Ray's node IP is 127.0.0.1).
 A GLOO_SOCKET_IFNAME the user set is kept.
 
-`NodeNetworkTorchConfig` is the hook: Ray Train's TorchConfig, whose backend runs
-`use_node_interface` on every worker before its own set-up (which calls init_process_group).
+The process group's rendezvous is rank 0's TCP store, and torch's own store server listens on
+every interface ("::" or 0.0.0.0) whatever host it is given (issue 13: the one socket of a local
+run that was not on loopback). So rank 0 opens the listening socket itself, on its node's Ray IP
+(127.0.0.1 on a local run), and hands it to `TCPStore(master_listen_fd=...)`; every worker then
+joins the group through that store.
+
+`NodeNetworkTorchConfig` is the hook: Ray Train's TorchConfig, whose backend does both on every
+worker: `use_node_interface`, then `join_process_group` in place of Ray's own set-up.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from ray.train.torch import TorchConfig
@@ -62,15 +69,59 @@ def use_node_interface() -> str | None:
     return os.environ.get("GLOO_SOCKET_IFNAME")
 
 
+_listener: socket.socket | None = None  # rank 0's store socket, between opening it and the store taking it
+
+
+def listen_on_node() -> tuple[str, int]:
+    """On rank 0: a listening socket on this node's Ray IP only, for the group's TCP store. -> (ip, port)"""
+    import ray
+
+    global _listener
+    ip = ray.util.get_node_ip_address()
+    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    _listener = socket.create_server((ip, 0), family=family, backlog=128)
+    return ip, _listener.getsockname()[1]
+
+
+def join_process_group(backend: str, ip: str, port: int, timeout_s: int) -> None:
+    """On every worker: the environment torch.distributed's users expect (as Ray sets it), then the
+    process group, through rank 0's store on `ip`:`port` (rank 0 serves it on its own socket)."""
+    import ray.train
+    import torch.distributed as dist
+
+    global _listener
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(ctx.get_local_rank()),
+                       "LOCAL_WORLD_SIZE": str(ctx.get_local_world_size()), "NODE_RANK": str(ctx.get_node_rank()),
+                       "MASTER_ADDR": ip, "MASTER_PORT": str(port)})
+    if backend == "nccl":  # as Ray does: a timed-out collective fails instead of hanging
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    listen_fd = None
+    if rank == 0:
+        listen_fd, _listener = _listener.detach(), None  # the store owns the socket from here
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(ip, port, world, is_master=rank == 0, timeout=timeout, master_listen_fd=listen_fd)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 class NodeNetworkBackend(TorchConfig().backend_cls):  # Ray's torch backend (its class is private)
     def on_start(self, worker_group, backend_config):
+        """Ray's set-up, but with the store bound to rank 0's node address (see the module's doc)."""
+        import ray
+
         worker_group.execute(use_node_interface)
-        super().on_start(worker_group, backend_config)
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
+        ip, port = worker_group.execute_single(0, listen_on_node)
+        ray.get([worker_group.execute_single_async(i, join_process_group, backend=backend, ip=ip, port=port,
+                                                   timeout_s=backend_config.timeout_s)
+                 for i in range(len(worker_group))])
 
 
 @dataclass
 class NodeNetworkTorchConfig(TorchConfig):
-    """TorchConfig whose workers bind their process group to their node's Ray IP."""
+    """TorchConfig whose workers bind their process group, and rank 0 its store, to their node's Ray IP."""
 
     @property
     def backend_cls(self):
