@@ -1,8 +1,8 @@
 """End to end on a real multi-node Ray cluster (issue 14), with the dataset, the checkpoints and
 MLflow's artifacts in a bucket of a real S3 server: `ray job submit` of a 2-worker run whose
 workers land on two nodes, each node fetching the dataset once; a driver stopped mid-run and the
-same command submitted again, resuming from the bucket; a run that loses a node and finishes from
-its checkpoint in the bucket.
+same command submitted again, resuming from the bucket; a sweep whose trials train on two nodes,
+stopped and submitted again; a run that loses a node and finishes from its checkpoint in the bucket.
 
 The cluster (tests/cluster_harness.py): a head with no CPUs and 1-CPU worker nodes, each in a
 network namespace of its own, token authentication on, each with its own HOME (its own dataset
@@ -264,6 +264,61 @@ def test_a_stopped_driver_resumes_from_the_bucket_when_submitted_again(world):
     assert again.epochs() == list(range(done + 1, 4)), "resumed from the bucket, not from epoch 0"
     assert mlflow_epochs(world, "driverloss") == ("FINISHED", [0, 1, 2])
     assert dataset_fetches(world) == {"w1": 1, "w2": 1}, "a node downloaded the dataset again"
+
+
+SWEEP = """\
+name: cluster
+description: two trials side by side on two nodes, a test's sweep
+recipe: digits
+overrides: {run.workers: 1, batch_size: 64, run.max_steps: 12, tracking.log_model: false}
+trials: [{arch: plain20, epochs: 1}, {arch: resnet20, epochs: 6}]
+max_concurrent_trials: 2
+"""
+
+
+def sweep_children(world: World) -> dict[str, object]:
+    """arch -> the sweep's MLflow child run of that arch (each arch is one trial here)."""
+    client = world.stores.client()
+    exp = client.get_experiment_by_name("cluster")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags] if exp else []
+    assert len(runs) == len({r.data.tags["arch"] for r in runs}), "two MLflow runs for one trial"
+    return {r.data.tags["arch"]: r for r in runs}
+
+
+def test_a_sweep_job_spreads_its_trials_and_resumes_without_rerunning_finished_ones(world):
+    """`python -m raysnet.tune` submitted as a job: its two trials train on the two nodes at once; the
+    job stopped once the short trial has finished and submitted again, the short trial is not
+    rerun, the long one continues, and MLflow has one child run per trial, each epoch once."""
+    file = world.root / "cluster.yaml"  # the driver runs on the head, which shares this filesystem
+    file.write_text(SWEEP)
+    command = ["python", "-m", "raysnet.tune", str(file), f"data.root={DATA}", f"run.storage=s3://{Stores.BUCKET}/{RUNS}",
+               f"tracking.uri={world.stores.tracking_uri}"]
+    job = world.cluster.submit(command, cwd=str(REPO), name="sweep-1")
+    def short_finished() -> bool:
+        run = sweep_children(world).get("plain20")
+        return run is not None and run.info.status == "FINISHED"
+
+    wait_for("the short trial's MLflow run FINISHED", short_finished, 420, job.proc, job.log)
+    workers = world.cluster.train_workers("sweep-1")
+    assert {w["node_ip"] for w in workers} == {world.net.addr["w1"], world.net.addr["w2"]}, workers
+    world.cluster.stop_job("sweep-1")
+    job.wait(timeout=120)
+    before = sweep_children(world)
+    assert before["resnet20"].info.status != "FINISHED", "the long trial ended before the sweep was stopped"
+
+    again = world.cluster.submit(command, cwd=str(REPO), name="sweep-2")
+    assert again.wait(timeout=600) == 0, again.output()[-4000:]
+    assert "resuming sweep" in again.output(), again.output()[-4000:]
+    after = sweep_children(world)
+    assert sorted(after) == ["plain20", "resnet20"] and all(r.info.status == "FINISHED" for r in after.values())
+    short = after["plain20"]
+    assert short.info.run_id == before["plain20"].info.run_id and short.info.end_time == before["plain20"].info.end_time
+    client = world.stores.client()
+    steps = {arch: sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_err"))
+             for arch, run in after.items()}
+    assert steps == {"plain20": [0], "resnet20": [0, 1, 2, 3, 4, 5]}, steps  # nothing trained or logged twice
+    state = world.stores.objects(f"{RUNS}/sweeps/")
+    assert any("/tune/" in key for key in state) and any(key.endswith("/summary/summary.md") for key in state), state
 
 
 def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint_in_the_bucket(world):
