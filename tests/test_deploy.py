@@ -731,6 +731,140 @@ def test_ray_pods_share_volumes_and_memory_backed_shm():
             assert obj["spec"]["accessModes"] == ["ReadWriteMany"], "every Ray node mounts it"
 
 
+# --- read-only root file systems ---------------------------------------------------------------
+
+def image_home() -> str:
+    """$HOME of the raysnet image's user, the one `useradd --create-home` makes (Dockerfile)."""
+    m = re.search(r"^RUN useradd --create-home .* (\w+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert m, "the Dockerfile creates its user with `useradd --create-home ... NAME`"
+    return f"/home/{m.group(1)}"
+
+
+def write_paths(where: str, labels: dict, c: dict) -> set[str]:
+    """Where a container writes, by what its pod is (its component label): with a read-only root
+    file system, each of these must be on a writable volume."""
+    args = dict(a.split("=", 1) for a in c.get("args", []) if "=" in a)
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    home = image_home()
+    component = labels.get("app.kubernetes.io/component")
+    if component == "ray" and where.endswith(" submitter"):
+        return {"/tmp", home}  # `ray job submit`
+    paths = {
+        # Ray's session directory (/tmp/ray: logs, sockets, spilled objects), temporary files
+        # (checkpoints staged before upload, NUMBA_CACHE_DIR), ~/.cache (raysnet's copy of remote
+        # datasets, $RAYSNET_CACHE), the object store, and run.storage.
+        "ray": {"/tmp", "/tmp/ray", f"{home}/.cache/raysnet/remote", home, "/dev/shm", MOUNTS["raysnet-storage"]},
+        # gunicorn/uvicorn's worker files and staged uploads in /tmp, the artifact store.
+        "mlflow": {"/tmp", home, args.get("--artifacts-destination")},
+        # The socket directory, the data directory.
+        "postgres": {"/tmp", "/var/run/postgresql", env.get("PGDATA", "/var/lib/postgresql/data")},
+        # Unpacked archives, staged uploads and numba's cache in /tmp; the dataset it writes (out=).
+        "prepare": {"/tmp", home, args.get("out")},
+    }.get(component)
+    assert paths is not None, f"{where}: pods of component {component!r} are unknown to write_paths"
+    assert None not in paths, f"{where}: {paths}"
+    return {p for p in paths if "://" not in p}  # object storage is no file system path
+
+
+def _mount_holding(path: str, mounts: list[dict]) -> dict | None:
+    """The volume mount a path lies on: the deepest one at the path or above it."""
+    holding = [m for m in mounts if (path + "/").startswith(m["mountPath"].rstrip("/") + "/")]
+    return max(holding, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def _container_rootfs_problems(where: str, c: dict, paths: set[str], volumes: dict[str, dict],
+                               claims: set[str]) -> list[str]:
+    problems = []
+    if c.get("securityContext", {}).get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{where}: root file system not read-only")
+    for path in sorted(paths):
+        mount = _mount_holding(path, c.get("volumeMounts", []))
+        if mount is None:
+            problems.append(f"{where}: writes {path}, which is on the read-only root file system")
+            continue
+        volume = volumes.get(mount["name"], {})
+        claim = volume.get("persistentVolumeClaim")
+        writable = not mount.get("readOnly") and (
+            "emptyDir" in volume or (claim is not None and not claim.get("readOnly")) or mount["name"] in claims)
+        if not writable:
+            problems.append(f"{where}: writes {path}, on {mount['name']}, not a writable emptyDir or volume claim")
+    return problems
+
+
+def rootfs_problems(obj: dict) -> list[str]:
+    """What keeps an object's pods from running on read-only root file systems: a container (the
+    autoscaler sidecar included) without readOnlyRootFilesystem, a path it writes (write_paths)
+    that no writable emptyDir or volume claim holds, an emptyDir without a sizeLimit (on a shared
+    node, scratch space is bounded), the autoscaler not sharing the head's /tmp/ray (Ray's session
+    directory, where it writes its logs and events). KubeRay's wait-gcs-ready init container
+    copies the worker's Ray container's securityContext and volume mounts, so it is covered too."""
+    problems = []
+    claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])} \
+        if obj["kind"] == "StatefulSet" else set()
+    for where, template, extra in pod_templates(obj):
+        pod = template["spec"]
+        labels = {**template.get("metadata", {}).get("labels", {}), **extra}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for v in volumes.values():
+            if "emptyDir" in v and not v["emptyDir"].get("sizeLimit"):
+                problems.append(f"{where}: emptyDir {v['name']} without a sizeLimit")
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            problems += _container_rootfs_problems(f"{where} container {c['name']}", c,
+                                                   write_paths(where, labels, c), volumes, claims)
+    for spec in ray_cluster_specs(obj):
+        if not spec.get("enableInTreeAutoscaling"):
+            continue
+        head = spec["headGroupSpec"]["template"]["spec"]
+        options = spec.get("autoscalerOptions", {})
+        where = f"{obj['kind']}/{obj['metadata']['name']} autoscaler"
+        problems += _container_rootfs_problems(where, options, {"/tmp", "/tmp/ray"},
+                                               {v["name"]: v for v in head.get("volumes", [])}, set())
+        session = {m["mountPath"]: m["name"] for m in options.get("volumeMounts", [])}.get("/tmp/ray")
+        if session is None or session != {m["mountPath"]: m["name"] for m in head["containers"][0].get(
+                "volumeMounts", [])}.get("/tmp/ray"):
+            problems.append(f"{where}: /tmp/ray is not the head's Ray session directory volume")
+    return problems
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_container_runs_on_a_read_only_root_file_system(name):
+    for obj in overlay(name):
+        problems = rootfs_problems(obj)
+        assert not problems, f"overlay {name}:\n" + "\n".join(problems)
+        for where, c in containers(obj):  # the walk reached every container, the autoscaler's too
+            assert c.get("securityContext", {}).get("readOnlyRootFilesystem") is True, where
+
+
+def test_rootfs_check_is_sharp():
+    """rootfs_problems names each way a container can end up writing to its image."""
+    job = copy.deepcopy(next(o for o in overlay("imagenet-resnet101") if o["kind"] == "RayJob"))
+    assert not rootfs_problems(job)
+    spec = job["spec"]
+    del spec["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker["containers"][0]["volumeMounts"] = [m for m in worker["containers"][0]["volumeMounts"]
+                                               if m["mountPath"] != image_home()]
+    (tmp,) = [v for v in worker["volumes"] if v["name"] == "tmp"]
+    del tmp["emptyDir"]["sizeLimit"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (storage,) = [m for m in head["containers"][0]["volumeMounts"] if m["mountPath"] == "/storage"]
+    storage["readOnly"] = True
+    (session,) = [m for m in spec["rayClusterSpec"]["autoscalerOptions"]["volumeMounts"]
+                  if m["mountPath"] == "/tmp/ray"]
+    session["name"] = "autoscaler-tmp"
+    problems = "\n".join(rootfs_problems(job))
+    assert "submitter container ray-job-submitter: root file system not read-only" in problems
+    assert f"gpu-8x container ray-worker: writes {image_home()}/.cache/raysnet/remote, which is on the read-only" \
+           in problems
+    assert "gpu-8x: emptyDir tmp without a sizeLimit" in problems
+    assert "head container ray-head: writes /storage, on storage, not a writable" in problems
+    assert "autoscaler: /tmp/ray is not the head's" in problems
+    (postgres,) = [copy.deepcopy(o) for o in overlay("imagenet-resnet101") if o["kind"] == "StatefulSet"]
+    assert not rootfs_problems(postgres)
+    postgres["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] = "elsewhere"
+    assert "writes /var/lib/postgresql/data/pgdata, on data, not a writable" in "\n".join(rootfs_problems(postgres))
+
+
 # --- network policies --------------------------------------------------------------------------
 
 def _matches(selector: dict, labels: dict) -> bool:
@@ -786,3 +920,4 @@ def test_network_policies_admit_only_what_they_should(name):
         for dest, port in [(mlflow, 5000), (postgres, 5432), (head, 8265), (head, 6379), (worker, 10002)]:
             assert not admitted(policies, dest, source, ns, port), (source, ns, dest, port)
     assert not admitted(policies, mlflow, mlflow, "raysnet", 5000)
+
