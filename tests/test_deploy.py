@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import os
 import re
 import shlex
@@ -551,6 +552,18 @@ def test_image_override_reaches_every_container(tmp_path):
     assert "registry.example.com/ml/raysnet:x" in images and not any(i.startswith("ghcr.io/raysnet") for i in images)
 
 
+def readme_section(title: str) -> str:
+    """A `## title` section of k8s/README.md."""
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", (K8S / "README.md").read_text(),
+                  re.MULTILINE | re.DOTALL)
+    assert m, f"k8s/README.md has no section {title!r}"
+    return m.group(1)
+
+
+def yaml_blocks(text: str) -> list[Any]:
+    return [yaml.safe_load(b) for b in re.findall(r"^ *```yaml\n(.*?)^ *```$", text, re.MULTILINE | re.DOTALL)]
+
+
 def test_dockerfile():
     text = (REPO / "Dockerfile").read_text()
     apt = " ".join(re.findall(r"apt-get install ([^&\n]+)", text.replace("\\\n", " ")))
@@ -921,3 +934,196 @@ def test_network_policies_admit_only_what_they_should(name):
             assert not admitted(policies, dest, source, ns, port), (source, ns, dest, port)
     assert not admitted(policies, mlflow, mlflow, "raysnet", 5000)
 
+
+# Never reachable through a rule that reaches the internet: the private ranges (RFC 1918: pod,
+# service and node networks, other tenants), shared address space (pod networks on some clouds)
+# and link-local (cloud metadata endpoints, which hand out the node's credentials).
+PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+NOT_INTERNET = (*PRIVATE_RANGES, "100.64.0.0/10", "169.254.0.0/16")
+KUBE_DNS = {"k8s-app": "kube-dns"}  # in kube-system
+PUBLIC_IP = "52.216.1.1"  # an address of S3
+API_SERVER_IPS = ("10.0.0.1", "172.20.0.1", "192.168.10.2")  # where API server endpoints may be
+
+
+def _policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+
+
+def _port_matches(rule: dict, port: int, protocol: str) -> bool:
+    if not rule.get("ports"):
+        return True
+    return any(p.get("protocol", "TCP") == protocol
+               and ("port" not in p or p["port"] <= port <= p.get("endPort", p["port"])) for p in rule["ports"])
+
+
+def egress_allowed(policies: list[dict], source: dict, port: int, *, to_pod: dict | None = None,
+                   to_ns: str = "raysnet", to_ip: str | None = None, protocol: str = "TCP") -> bool:
+    """Whether NetworkPolicies let a raysnet pod with labels `source` open `port` on a pod (labels
+    `to_pod`, namespace `to_ns`) or on an address outside the pod network (`to_ip`)."""
+    selecting = [p for p in policies if _matches(p["spec"]["podSelector"], source) and "Egress" in _policy_types(p)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("egress", []):
+            if not _port_matches(rule, port, protocol):
+                continue
+            if not rule.get("to"):
+                return True
+            for peer in rule["to"]:
+                if "ipBlock" in peer:
+                    block = peer["ipBlock"]
+                    if to_ip is not None and ipaddress.ip_address(to_ip) in ipaddress.ip_network(block["cidr"]) \
+                            and not any(ipaddress.ip_address(to_ip) in ipaddress.ip_network(e)
+                                        for e in block.get("except", [])):
+                        return True
+                elif to_pod is not None:
+                    ns_sel = peer.get("namespaceSelector")
+                    ns_ok = (to_ns == "raysnet") if ns_sel is None else \
+                        _matches(ns_sel, {"kubernetes.io/metadata.name": to_ns})
+                    if ns_ok and _matches(peer.get("podSelector", {}), to_pod):
+                        return True
+    return False
+
+
+def connects(policies: list[dict], source: dict, dest: dict, port: int) -> bool:
+    """Both ends' policies let a raysnet pod open `port` on another raysnet pod."""
+    return egress_allowed(policies, source, port, to_pod=dest) and admitted(policies, dest, source, "raysnet", port)
+
+
+def egress_problems(policies: list[dict]) -> list[str]:
+    """Egress rules that open more than a destination: no `to` (every destination), every
+    namespace, an ipBlock without ports, or one that reaches the internet and also private,
+    shared or link-local addresses (it must except all of NOT_INTERNET it overlaps)."""
+    problems = []
+    for policy in policies:
+        for i, rule in enumerate(policy["spec"].get("egress", [])):
+            where = f"NetworkPolicy/{policy['metadata']['name']} egress[{i}]"
+            if not rule.get("to"):
+                problems.append(f"{where}: no `to`, so every destination")
+                continue
+            for peer in rule["to"]:
+                if peer.get("namespaceSelector") == {} and not peer.get("podSelector"):
+                    problems.append(f"{where}: every pod of every namespace")
+                if "ipBlock" not in peer:
+                    continue
+                if not rule.get("ports"):
+                    problems.append(f"{where}: {peer['ipBlock']['cidr']} on every port")
+                net = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+                excepts = [ipaddress.ip_network(e) for e in peer["ipBlock"].get("except", [])]
+                inside = [ipaddress.ip_network(r) for r in NOT_INTERNET]
+                if any(net.subnet_of(r) for r in inside if r.version == net.version):
+                    continue  # a private destination (the API server), not the internet
+                for r in inside:
+                    if r.version == net.version and r.overlaps(net) and \
+                            not any(r.subnet_of(e) for e in excepts if e.version == r.version):
+                        problems.append(f"{where}: {net} reaches the internet and {r} too (not excepted)")
+    return problems
+
+
+def _pods(objs: tuple[dict, ...]) -> dict[str, dict]:
+    """where -> labels (those KubeRay adds included) of every pod template."""
+    return {where: {**t.get("metadata", {}).get("labels", {}), **extra}
+            for o in objs for where, t, extra in pod_templates(o)}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_default_deny_selects_every_pod(name):
+    policies = [o for o in overlay(name) if o["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and set(_policy_types(p)) == {"Ingress", "Egress"}
+            and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert deny, f"overlay {name}: no default-deny policy (podSelector {{}}, Ingress and Egress, no rules)"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_no_egress_rule_is_open_to_everything(name):
+    problems = egress_problems([o for o in overlay(name) if o["kind"] == "NetworkPolicy"])
+    assert not problems, f"overlay {name}:\n" + "\n".join(problems)
+
+
+def test_egress_check_is_sharp():
+    policies = copy.deepcopy([o for o in overlay("prepare-imagenet") if o["kind"] == "NetworkPolicy"])
+    assert not egress_problems(policies)
+    (ray,) = [p for p in policies if p["metadata"]["name"] == "ray-egress"]
+    internet = ray["spec"]["egress"][2]["to"][0]["ipBlock"]
+    assert internet["cidr"] == "0.0.0.0/0"
+    internet["except"] = [e for e in internet["except"] if e != "169.254.0.0/16"]
+    (prepare,) = [p for p in policies if p["metadata"]["name"] == "prepare-egress"]
+    del prepare["spec"]["egress"][0]["to"][0]["ipBlock"]["except"]
+    (mlflow,) = [p for p in policies if p["metadata"]["name"] == "mlflow-egress"]
+    mlflow["spec"]["egress"] += [{"ports": [{"protocol": "TCP", "port": 443}]},
+                                 {"to": [{"namespaceSelector": {}}]},
+                                 {"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}]}]
+    problems = "\n".join(egress_problems(policies))
+    assert "ray-egress egress[2]: 0.0.0.0/0 reaches the internet and 169.254.0.0/16 too" in problems
+    assert "ray-egress egress[2]: 0.0.0.0/0 reaches the internet and 10.0.0.0/8" not in problems
+    for r in PRIVATE_RANGES:
+        assert f"prepare-egress egress[0]: 0.0.0.0/0 reaches the internet and {r} too" in problems
+    assert "mlflow-egress egress[1]: no `to`" in problems
+    assert "mlflow-egress egress[2]: every pod of every namespace" in problems
+    assert "mlflow-egress egress[3]: 10.1.0.0/16 on every port" in problems
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_network_policies_let_out_only_what_they_should(name):
+    """Egress, and connections between the namespace's pods (both ends' policies), for every pod
+    template of the overlay: each may resolve names through kube-dns and open what it needs, and
+    nothing else."""
+    objs = overlay(name)
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    pods = _pods(objs)
+    by_component: dict[str, list[dict]] = {}
+    for labels in pods.values():
+        by_component.setdefault(labels.get("app.kubernetes.io/component"), []).append(labels)
+    assert set(by_component) <= {"ray", "mlflow", "postgres", "prepare"}, f"unknown pods: {set(by_component)}"
+    (mlflow,), (postgres,) = by_component["mlflow"], by_component["postgres"]
+    autoscaling = any(spec.get("enableInTreeAutoscaling") for o in objs for spec in ray_cluster_specs(o))
+    for where, labels in pods.items():
+        component = labels["app.kubernetes.io/component"]
+        for protocol in ("UDP", "TCP"):
+            assert egress_allowed(policies, labels, 53, to_pod=KUBE_DNS, to_ns="kube-system", protocol=protocol), \
+                f"{where}: no DNS over {protocol}"
+            assert not egress_allowed(policies, labels, 53, to_ip="8.8.8.8", protocol=protocol), where
+        # Object storage: public HTTPS, for the pods that read or write it.
+        assert egress_allowed(policies, labels, 443, to_ip=PUBLIC_IP) == (component in ("ray", "prepare")), where
+        for ip, port in [(PUBLIC_IP, 80), (PUBLIC_IP, 22), ("169.254.169.254", 80), ("169.254.169.254", 443),
+                         ("100.64.1.1", 443), ("10.1.2.3", 5432), ("192.168.1.1", 22)]:
+            assert not egress_allowed(policies, labels, port, to_ip=ip), f"{where} -> {ip}:{port}"
+        # The Kubernetes API server: the head's autoscaler only.
+        api = autoscaling and component == "ray" and labels.get("ray.io/node-type") == "head"
+        for ip in API_SERVER_IPS:
+            for port in (443, 6443):
+                assert egress_allowed(policies, labels, port, to_ip=ip) == api, f"{where} -> {ip}:{port}"
+        assert not egress_allowed(policies, labels, 6443, to_ip=PUBLIC_IP), where
+        # Nothing of the namespace but what each needs.
+        if component != "ray":
+            for dest in by_component.get("ray", []):
+                for port in (6379, 8265, 10001, 12345):
+                    assert not connects(policies, labels, dest, port), f"{where} -> Ray {port}"
+        assert connects(policies, labels, mlflow, 5000) == (component == "ray"), where
+        assert connects(policies, labels, postgres, 5432) == (component == "mlflow"), where
+        assert not egress_allowed(policies, labels, 5001, to_pod=mlflow), where
+        for dest in by_component.get("prepare", []):
+            for port in (22, 443, 8080):
+                assert not admitted(policies, dest, labels, "raysnet", port), f"{where} -> prepare {port}"
+    for source in by_component.get("ray", []):
+        for dest in by_component["ray"]:
+            for port in (6379, 8265, 10001, 12345, 52365):
+                assert connects(policies, source, dest, port), (source, dest, port)
+
+
+def test_readme_narrows_the_api_server_policy(tmp_path):
+    """The patch k8s/README.md shows narrows the head's API server egress to the one address it
+    names, and leaves the rest of the head's egress as it was."""
+    section = readme_section("Network policies")
+    (block,) = [b for b in yaml_blocks(section) if isinstance(b, dict) and "patches" in b]
+    (cidr,) = re.findall(r"cidr: ([\d.]+/32)", block["patches"][0]["patch"])
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S / "overlays" / "imagenet-resnet101", tmp_path)], **block}))
+    objs = render(str(tmp_path))
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    (head,) = [labels for where, labels in _pods(objs).items() if labels.get("ray.io/node-type") == "head"]
+    endpoint = cidr.split("/")[0]
+    assert egress_allowed(policies, head, 443, to_ip=endpoint) and egress_allowed(policies, head, 6443, to_ip=endpoint)
+    assert not any(egress_allowed(policies, head, 443, to_ip=ip) for ip in API_SERVER_IPS if ip != endpoint)
+    assert egress_allowed(policies, head, 443, to_ip=PUBLIC_IP) and not egress_problems(policies)
