@@ -21,7 +21,14 @@
 #   5000   MLflow tracking server (when this image runs it)
 # None of them is meant for the internet: cluster/ binds to private addresses, k8s/ uses ClusterIP
 # services behind NetworkPolicies.
-FROM python:3.11-slim-bookworm
+#
+# Base image: a full patch release, never a floating tag (python:3.11-slim becomes another Python
+# under a rebuild); moving to a newer one (security fixes) is a deliberate change of this line. Even
+# a patch tag is rebuilt upstream (Debian updates), a digest never: release builds pin it as well,
+# with the digest `docker buildx imagetools inspect <the tag below>` prints,
+#   FROM python:3.11.17-slim-bookworm@sha256:<that digest>
+# and deployments run the image built here by digest (k8s/README.md, "Image pinning").
+FROM python:3.11.17-slim-bookworm
 
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1

@@ -14,12 +14,17 @@
 - Consistency: entrypoints are valid raysnet configs whose GPUs fit the worker group, one image
   reference everywhere, no credentials, ClusterIP only, non-root pods, network policies that
   admit what they should and nothing else.
+- Hardening: every container on a read-only root file system, with a writable, size-limited volume
+  for each path it writes; a default-deny NetworkPolicy, DNS for every pod, egress only where each
+  pod needs it and never to everything; images pinned by digest as k8s/README.md documents, the
+  Dockerfile's base at a full patch release.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import ipaddress
 import os
 import re
@@ -564,13 +569,34 @@ def yaml_blocks(text: str) -> list[Any]:
     return [yaml.safe_load(b) for b in re.findall(r"^ *```yaml\n(.*?)^ *```$", text, re.MULTILINE | re.DOTALL)]
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_image_pinning_by_digest_is_documented_and_works(name, tmp_path):
+    """k8s/README.md says production overlays must pin every image by digest and shows how; that
+    `images:` block, with digests filled in, pins every container of the overlay, nested ones too."""
+    section = readme_section("Image pinning")
+    assert re.search(r"production overlay must pin every image by digest", " ".join(section.split())), section
+    (block,) = [b for b in yaml_blocks(section) if isinstance(b, dict) and "images" in b]
+    names = {i["name"] for i in block["images"]}
+    assert all(re.fullmatch(r"sha256:<[^>]+>", i["digest"]) for i in block["images"]), "a placeholder, never a digest"
+    fake = {n: f"sha256:{hashlib.sha256(n.encode()).hexdigest()}" for n in names}
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S / "overlays" / name, tmp_path)],
+        "images": [{"name": n, "digest": fake[n]} for n in names]}))
+    repos = {c["image"].rsplit(":", 1)[0] for obj in overlay(name) for _, c in containers(obj) if "image" in c}
+    assert repos and repos <= names, f"the README's `images:` leaves {repos - names} unpinned"
+    images = {c["image"] for obj in render(str(tmp_path)) for _, c in containers(obj) if "image" in c}
+    assert images == {f"{r}@{fake[r]}" for r in repos}
+
+
 def test_dockerfile():
     text = (REPO / "Dockerfile").read_text()
     apt = " ".join(re.findall(r"apt-get install ([^&\n]+)", text.replace("\\\n", " ")))
     install_sh = (REPO / "install.sh").read_text()
     needed = re.search(r"apt-get install -y -qq ([^>\n]+)", install_sh).group(1).split()
     assert needed and all(p in apt.split() for p in needed), f"the image lacks install.sh's {needed}"
-    assert re.search(r"^FROM [\w./-]+:[\w.-]+$", text, re.MULTILINE), "a pinned base image"
+    # The base: a full patch release (X.Y.Z), optionally with its digest; never a floating tag.
+    (base,) = re.findall(r"^FROM (\S+)$", text, re.MULTILINE)
+    assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+(-[\w.-]+)?(@sha256:[0-9a-f]{64})?", base), f"FROM {base}: not pinned"
     users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
     assert users and users[-1].isdigit() and users[-1] != "0", "runs as a numeric non-root uid (runAsNonRoot)"
     exposed = {p for line in re.findall(r"^EXPOSE (.+)$", text, re.MULTILINE) for p in line.split()}
