@@ -79,7 +79,8 @@ def test_own_dataset_yaml_with_unknown_key_is_an_error(tmp_path):
     ("batch_size", "256", 256),
     ("optim.lr", "0.05", 0.05),
     ("run.workers", "4", 4),
-    ("run.gpus_per_worker", "1", 1),
+    ("run.gpus_per_worker", "1", 1.0),
+    ("run.gpus_per_worker", "0.2", 0.2),
     ("run.gpus_per_worker", "null", None),
     ("run.name", "my-run", "my-run"),
     ("run.name", "007", "007"),  # text keys keep the text: YAML would make this the number 7
@@ -110,6 +111,7 @@ def test_user_facing_keys_override(key, value, expected):
     ("data=cifar100", ["'cifar100'", "'data'", "cifar10", "digits", "imagefolder", "imagenet"]),
     ("model=3", ["'model'"]),  # a value for a whole section
     ("run.workers=0", ["'run.workers'"]),
+    ("run.gpus_per_worker=1.5", ["'run.gpus_per_worker'", "1.5", "fraction of one GPU"]),
     ("optim.lr=-1", ["'optim.lr'"]),
     ("optim.milestones=[0.75,0.5]", ["'optim.milestones'"]),
     ("batch_size=101", ["'batch_size'", "run.workers"]),  # 101 does not split across the 2 workers...
