@@ -30,8 +30,10 @@ from raysnet.tune import spec as sweeps
 from raysnet.tune.spec import Sweep
 
 # A trial only launches its TorchTrainer, whose workers request their own CPUs and GPUs. Tune
-# cannot place a trial that asks for nothing, so it asks for a sliver.
-TRIAL_CPU = 0.01
+# cannot place a trial that asks for nothing, so it asks for a sliver of memory: never of CPU,
+# which would leave a node of N CPUs (a 1-CPU test node, a GPU node sized to run.cpus_per_worker)
+# N - 0.01 and keep a worker that asks for all N off it.
+TRIAL_RESOURCES = {"CPU": 0, "GPU": 0, "memory": 1 << 20}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +288,7 @@ def _tuner(spec: Sweep, ctx: Context, sweep_dir: str, concurrency: int, epochs: 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_CPU, "GPU": 0})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_RESOURCES)
     exp_dir = f"{sweep_dir}/tune"
     if tune.Tuner.can_restore(exp_dir):
         return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
