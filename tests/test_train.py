@@ -71,6 +71,7 @@ def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # an MLflow server in the default suite: tests/test_storage.py and tests/test_cluster.py
 def test_records_to_an_mlflow_server(ray_local, tmp_path, digits):
     from raysnet.lifecycle import run_one
 
