@@ -115,9 +115,12 @@ class ResidentLoader:
             return np.arange(self.rank, len(self.labels), self.world)
         return train_order(len(self.labels), self.seed, epoch, self.rank, self.world)
 
+    def _steps(self, samples: int) -> int:
+        """Training drops a last, partial batch (as the FFCV loader does); validation keeps it."""
+        return samples // self.batch_size if self.train is not None else math.ceil(samples / self.batch_size)
+
     def __len__(self) -> int:
-        n = len(self.order(0))
-        return n // self.batch_size if self.train is not None else math.ceil(n / self.batch_size)
+        return self._steps(len(self.order(0)))
 
     def _generator(self, epoch: int) -> torch.Generator:
         generator = torch.Generator(device=self.images.device)
@@ -126,9 +129,9 @@ class ResidentLoader:
 
     def __iter__(self):
         epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
-        order = torch.from_numpy(self.order(epoch)).to(self.images.device)
+        order = torch.from_numpy(self.order(epoch)).to(self.images.device)  # drawn once an epoch
         generator = self._generator(epoch) if self.train is not None else None
-        for step in range(len(self)):
+        for step in range(self._steps(len(order))):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
             images = self.images[index]
             if self.train is not None:
