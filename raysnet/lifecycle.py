@@ -328,7 +328,7 @@ def finish(cfg: Config, run_id: str, result: Any) -> int:
     bad = pop_note(cfg, NONFINITE_NOTE)
     if bad:
         last = f"the last good checkpoint is {result.checkpoint.path}" if result.checkpoint else "no checkpoint yet"
-        why = f"the training loss became non-finite at epoch {bad['epoch']}, step {bad['step']}"
+        why = f"the training loss became non-finite at epoch {bad['epoch'] + 1}/{cfg.epochs} (counted from 1, as the progress lines), step {bad['step']}"
         print(f"error: {why} (lower optim.lr, or check the data); training stopped and {last}.", file=sys.stderr)
         tracking.fail_run(cfg, run_id, diverged=why)
         return 1
