@@ -148,8 +148,8 @@ def make_all_loaders(args: argparse.Namespace, src: Path, out: Path, meta: dict)
     """torchvision's loader and raysnet's FFCV loader with each training augmentation, by name."""
     loaders = {"torchvision": torchvision_loader(src, args.batch_size, args.workers, meta["mean"], meta["std"])}
     for aug in ("rrc", "scale"):
-        data = DataConfig(name="bench", root=str(out), train_aug=aug, crop=224, flip=True, colour=False,
-                          val_aug="center", loader_workers=args.workers, os_cache=True)
+        data = DataConfig(name="bench", root=str(out), train_aug=aug, crop=224, flip=True, pca_lighting=0.0,
+                          colour_jitter=0.0, val_aug="center", loader_workers=args.workers, os_cache=True)
         loaders[f"ffcv_{aug}"], _ = make_loaders(data, check_dataset(data), args.batch_size,
                                                  device=torch.device("cpu"), seed=0, distributed=False,
                                                  channels_last=True)

@@ -240,7 +240,7 @@ def test_imagefolder_round_trip(tmp_path):
 
     # The ImageNet-style loaders bring every sample back with its label, at the crop size.
     train, val = loaders(tmp_path / "ds", meta, batch_size=5, train_aug="scale", crop=16, scale_range=(16, 24),
-                         colour=True, val_aug="center", val_resize=20)
+                         pca_lighting=0.1, colour_jitter=0.4, val_aug="center", val_resize=20)
     for loader, per_class in ((train, 4), (val, 2)):
         images, labels = collect(loader)
         assert images.shape[1:] == (16, 16, 3)

@@ -153,7 +153,7 @@ def test_every_fast_preset_loads_as_ffcvs_recipe(name):
     d, o = cfg.data, cfg.optim
     assert (d.name, d.train_aug, d.res_start, d.res_end, d.crop, d.val_aug, d.val_resize, d.val_flip) == \
         ("imagenet", "rrc", 160, 192, 224, "center", 256, True)
-    assert not d.colour and d.flip
+    assert not d.pca_lighting and not d.colour_jitter and d.flip
     assert (o.label_smoothing, o.wd_bn_bias, o.schedule, o.momentum) == (0.1, False, "onecycle", 0.9)
     from raysnet.train.schedule import base_lr, lr_factor
 

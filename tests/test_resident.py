@@ -116,7 +116,8 @@ def test_batches_are_normalised_and_channels_last(index_root):
     assert y.tolist() == [i % 4 for i in range(16)]
 
 
-@pytest.mark.parametrize("bad", [{"train_aug": "scale"}, {"val_aug": "center"}, {"colour": True}])
+@pytest.mark.parametrize("bad", [{"train_aug": "scale"}, {"val_aug": "center"}, {"pca_lighting": 0.1},
+                                 {"colour_jitter": 0.4}])
 def test_what_it_does_not_implement_is_refused_before_ray(index_root, bad):
     root, meta = index_root
     with pytest.raises(UsageError) as e:

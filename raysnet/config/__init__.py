@@ -150,10 +150,19 @@ def _from_mapping(mapping: Mapping[str, Any]) -> tuple[dict[str, str], DictConfi
     return groups, node
 
 
+# Issue 18: the boolean data.colour did brightness/contrast/saturation jitter under a name that
+# promised the paper's colour augmentation; it became two keys that say what they do.
+OLD_COLOUR = ("'data.colour' was replaced by two keys that say what they do: data.pca_lighting=0.1 (AlexNet's "
+              "PCA lighting, the colour augmentation paper §3.4 cites) and data.colour_jitter=0.4 (brightness, "
+              "contrast and saturation, what colour=true did); 0 turns either off.")
+
+
 def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, update)
     except ConfigKeyError as e:
+        if str(e.full_key).endswith("colour"):
+            raise ConfigError(f"{where}: {OLD_COLOUR}") from None
         err = from_omegaconf(e, where, _valid_keys())
         raise ConfigError(f"{err} Print every key and its value with --print-config.") from None
     except ValidationError as e:
@@ -261,6 +270,10 @@ def validate(cfg: Config) -> None:
     if not all(0 < m < 1 for m in cfg.optim.milestones) or list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"bad value for 'optim.milestones': {list(cfg.optim.milestones)}. Expected increasing "
                           "fractions of the run between 0 and 1, e.g. [0.5,0.75] for the paper's CIFAR steps.")
+    for key in ("pca_lighting", "colour_jitter"):
+        if not 0 <= getattr(cfg.data, key) < 1:
+            raise ConfigError(f"bad value for 'data.{key}': {getattr(cfg.data, key)}. Expected a strength from 0 (off) "
+                              "below 1: AlexNet's PCA lighting is 0.1, fb.resnet.torch's colour jitter 0.4.")
     if cfg.data.scale_range[0] > cfg.data.scale_range[1]:
         raise ConfigError(f"bad value for 'data.scale_range': {list(cfg.data.scale_range)}. Expected [min, max].")
     gpus = cfg.run.gpus_per_worker
@@ -276,7 +289,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(d: Mapping[str, Any]) -> Config:
-    """The inverse of `to_dict`."""
+    """The inverse of `to_dict`; also reads the configs of checkpoints written before issue 18."""
+    data = d.get("data")
+    if isinstance(data, Mapping) and "colour" in data:  # colour=true was colour_jitter=0.4
+        data = {k: v for k, v in data.items() if k != "colour"} | {"colour_jitter": 0.4 if data["colour"] else 0.0}
+        d = {**d, "data": data}
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
 
 

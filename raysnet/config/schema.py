@@ -38,7 +38,7 @@ class DataConfig:
     # directory), prepared as `python -m raysnet.prepare source=imagefolder root=SOURCE` would.
     source: str = ""
     # "cifar": pad + random crop + flip (paper §4.2); "scale": shorter side in scale_range,
-    # random crop, flip, colour (paper §3.4); "rrc": FFCV's RandomResizedCrop decode.
+    # random crop, flip (paper §3.4); "rrc": FFCV's RandomResizedCrop decode.
     train_aug: Literal["cifar", "scale", "rrc"] = "cifar"
     # "original": the image as stored (CIFAR test); "center": resize shorter side to val_resize, centre crop.
     val_aug: Literal["original", "center"] = "original"
@@ -47,7 +47,14 @@ class DataConfig:
     flip: bool = True  # random horizontal flip (off for digits: a mirrored digit is another shape)
     scale_range: tuple[int, int] = (256, 480)
     val_resize: int = 256
-    colour: bool = False  # AlexNet-style colour (brightness/contrast/saturation) augmentation
+    # Colour augmentation, two separate switches (issue 18). pca_lighting: AlexNet's "standard colour
+    # augmentation" that paper §3.4 cites (Krizhevsky et al. 2012 §4.1): add sum_i a_i lambda_i p_i to
+    # every pixel, a_i ~ N(0, pca_lighting), over the eigenvectors p_i and eigenvalues lambda_i of the
+    # training pixels' RGB covariance (meta.json's `pca`, else ImageNet's published values); 0.1 as
+    # AlexNet, 0: off. colour_jitter: brightness, contrast and saturation factors in [1 - m, 1 + m]
+    # (torchvision's ColorJitter(m, m, m)), which fb.resnet.torch adds at 0.4; 0: off.
+    pca_lighting: float = 0.0
+    colour_jitter: float = 0.0
     # "ffcv": FFCV loaders decode and augment every batch on the CPU; "device": each split is decoded
     # once into device memory and batches are cut and augmented there (raysnet.data.resident: the
     # CIFAR recipe on datasets that fit, for small nets a CPU loader cannot feed).

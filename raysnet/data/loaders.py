@@ -27,11 +27,10 @@ from ffcv.traversal_order import QuasiRandom
 
 from raysnet.config import DataConfig
 from raysnet.data.dataset import dataset_dir
-from raysnet.data.transforms import ColourJitter, PadRandomCrop, RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize
+from raysnet.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, ColourJitter, PadRandomCrop, PCALighting,
+                                     RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize)
 from raysnet.data.writer import BETON
 from raysnet.errors import UsageError
-
-COLOUR_JITTER = 0.4  # brightness, contrast, saturation factors in [0.6, 1.4], as torchvision's ColorJitter(0.4, 0.4, 0.4)
 
 
 def _constant_size(meta: dict[str, Any], split: str) -> bool:
@@ -61,8 +60,25 @@ def train_decoder_and_augment(data: DataConfig, meta: dict[str, Any]) -> list[Op
         ops = [RandomResizedCropRGBImageDecoder((size, size))]
     if data.flip:
         ops.append(RandomFlip())
-    if data.colour:
-        ops.append(ColourJitter(COLOUR_JITTER))
+    return ops + colour_ops(data, meta)
+
+
+def pca_components(meta: dict[str, Any]) -> tuple[list[float], list[list[float]]]:
+    """(eigenvalues, eigenvectors as columns) of the training pixels' RGB covariance, 0-1 scale:
+    meta.json's, or ImageNet's published ones for a dataset prepared without them."""
+    pca = meta.get("pca")
+    if pca:
+        return pca["eigval"], pca["eigvec"]
+    return list(IMAGENET_EIGVAL), [list(row) for row in IMAGENET_EIGVEC]
+
+
+def colour_ops(data: DataConfig, meta: dict[str, Any]) -> list[Operation]:
+    """Colour augmentation, each switch on its own: fb.resnet.torch's order, jitter then lighting."""
+    ops: list[Operation] = []
+    if data.colour_jitter:
+        ops.append(ColourJitter(data.colour_jitter))
+    if data.pca_lighting:
+        ops.append(PCALighting(data.pca_lighting, *pca_components(meta)))
     return ops
 
 

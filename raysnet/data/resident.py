@@ -35,7 +35,8 @@ def check(data: DataConfig, meta: dict[str, Any]) -> None:
     unsupported = [f"data.{k}={v}" for k, v, ok in (
         ("train_aug", data.train_aug, data.train_aug == "cifar"),
         ("val_aug", data.val_aug, data.val_aug == "original"),
-        ("colour", data.colour, not data.colour),
+        ("pca_lighting", data.pca_lighting, not data.pca_lighting),
+        ("colour_jitter", data.colour_jitter, not data.colour_jitter),
         ("res_start", data.res_start, not data.res_start)) if not ok]
     splits = (meta["splits"]["train"], meta["splits"]["val"])
     if len({s["image_size"][d][m] for s in splits for d in ("height", "width") for m in ("min", "max")}) != 1:

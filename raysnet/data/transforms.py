@@ -4,6 +4,9 @@
   sampled from the padded image or its horizontal flip".
 - `ScaleCropRGBImageDecoder`: ImageNet, §3.4: "the image is resized with its shorter side randomly
   sampled in [256, 480] for scale augmentation. A 224x224 crop is randomly sampled".
+- `PCALighting`: ImageNet, §3.4: "the standard color augmentation in [21] is used", [21] being
+  AlexNet (Krizhevsky et al. 2012, §4.1).
+- `ColourJitter`: brightness, contrast and saturation, which fb.resnet.torch adds to the lighting.
 """
 
 from __future__ import annotations
@@ -95,9 +98,9 @@ class RandomFlip(Operation):
 class ColourJitter(Operation):
     """Random brightness, contrast and saturation, each a factor in [1 - m, 1 + m], in place.
 
-    The "standard colour augmentation" of paper §3.4, in the brightness/contrast/saturation
-    form of torchvision's ColorJitter(m, m, m), applied in that order with one rounding at
-    the end. One fused pass of plain loops: FFCV's three separate ops compile for ~5 s.
+    torchvision's ColorJitter(m, m, m), applied in that order with one rounding at the end: what
+    fb.resnet.torch adds (m = 0.4) on top of AlexNet's PCA lighting; not part of the paper's
+    recipe. One fused pass of plain loops: FFCV's three separate ops compile for ~5 s.
     """
 
     def __init__(self, magnitude: float):
@@ -137,6 +140,60 @@ class ColourJitter(Operation):
 
         jitter.is_parallel = True
         return jitter
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, jit_mode=True), None
+
+
+# ImageNet's RGB principal components as fb.resnet.torch publishes them (datasets/imagenet.lua),
+# for pixels on a 0-1 scale: eigenvalues, and a matrix whose columns are the eigenvectors (rows R, G, B).
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
+
+
+def lighting_basis(eigval, eigvec) -> np.ndarray:
+    """3x3, 0-255 scale: column i is 255 * lambda_i * p_i, so one image's shift is basis @ a."""
+    return 255.0 * np.asarray(eigvec, dtype=np.float64) * np.asarray(eigval, dtype=np.float64)[None, :]
+
+
+class PCALighting(Operation):
+    """AlexNet's colour augmentation (Krizhevsky et al. 2012, §4.1), in place, on uint8 pixels.
+
+    Each image gets one draw a_i ~ N(0, std), i = 1..3, and every pixel gets sum_i a_i lambda_i p_i
+    added, where p_i, lambda_i are the eigenvectors and eigenvalues of the 3x3 covariance of the
+    training set's RGB pixel values (on a 0-1 scale, as fb.resnet.torch's ImageNet values; the
+    shift is scaled back to 0-255 here). AlexNet: std 0.1.
+    """
+
+    def __init__(self, std: float, eigval, eigvec):
+        super().__init__()
+        self.std = float(std)
+        self.basis = lighting_basis(eigval, eigvec)
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        std = self.std
+        # Nine scalars rather than a captured array: numba freezes them as constants either way.
+        (b00, b01, b02), (b10, b11, b12), (b20, b21, b22) = self.basis.tolist()
+
+        def lighting(images, _):
+            n, h, w, _c = images.shape
+            for i in my_range(n):
+                a0, a1, a2 = np.random.normal(0.0, std), np.random.normal(0.0, std), np.random.normal(0.0, std)
+                red = b00 * a0 + b01 * a1 + b02 * a2
+                green = b10 * a0 + b11 * a1 + b12 * a2
+                blue = b20 * a0 + b21 * a1 + b22 * a2
+                for r in range(h):
+                    for q in range(w):
+                        images[i, r, q, 0] = min(max(images[i, r, q, 0] + red + 0.5, 0.0), 255.0)
+                        images[i, r, q, 1] = min(max(images[i, r, q, 1] + green + 0.5, 0.0), 255.0)
+                        images[i, r, q, 2] = min(max(images[i, r, q, 2] + blue + 0.5, 0.0), 255.0)
+            return images
+
+        lighting.is_parallel = True
+        return lighting
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
         return replace(previous_state, jit_mode=True), None
