@@ -2,7 +2,8 @@
 
 Each source yields a `Source`: class names, a train and a val `Split` (indexable by the FFCV
 writer, one `(HxWx3 uint8 image, label)` per index), the train split's per-channel mean and
-std, and the files that were skipped with the reason why.
+std and the principal components of its RGB pixels, and the files that were skipped with the
+reason why.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -27,6 +29,10 @@ DIGITS_SEED = 0  # fixed: every machine prepares the same split
 # for such tiny images decoding costs more than reading.
 TINY_SIDE = 64
 DIGITS_SIZE = 32  # upscaled so the CIFAR nets (32x32 input, paper §4.2) run unchanged
+# Validation images keep their shorter side up to the largest scale of the paper's multi-scale
+# testing (§3.4: shorter sides {224, 256, 384, 480, 640}), at any aspect ratio, so that 10-crop
+# and multi-scale testing see each whole image (issue 18).
+EVAL_SHORT_SIDE = 640
 
 
 class Samples(Protocol):
@@ -58,12 +64,13 @@ class FileSamples:
     # Longest side the writer will keep (FFCV's `max_resolution`); lets JPEG decode at a
     # reduced DCT scale instead of decoding full size and shrinking afterwards.
     max_resolution: int | None = None
+    short_side: int | None = None  # images are scaled down here so their shorter side is at most this
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return load_rgb(self.paths[i], self.max_resolution), int(self.labels[i])
+        return load_rgb(self.paths[i], self.max_resolution, self.short_side), int(self.labels[i])
 
 
 @dataclass
@@ -72,6 +79,9 @@ class Split:
     labels: np.ndarray  # N, int64: the class of every sample, in write order
     heights: np.ndarray  # N: source image sizes, before any max_resolution
     widths: np.ndarray
+    # Set: the samples come with their shorter side at most this many pixels (the validation split,
+    # EVAL_SHORT_SIDE), and the writer stores them as they come, without FFCV's max_resolution.
+    short_side: int | None = None
 
 
 @dataclass
@@ -84,21 +94,38 @@ class Source:
     info: dict[str, Any]  # where it came from, for meta.json
     skipped: list[dict[str, str]] = field(default_factory=list)
     storage: str = "raw"  # the write mode "storage=auto" picks for this source
+    # The train split's RGB principal components, for AlexNet's PCA lighting (data.pca_lighting):
+    # {"eigval": [3], "eigvec": 3x3 with the eigenvectors as columns}, pixels on a 0-1 scale.
+    pca: dict[str, Any] | None = None
 
 
-def load_rgb(path: str, max_resolution: int | None = None) -> np.ndarray:
+def principal_components(cov: np.ndarray) -> dict[str, Any]:
+    """Eigen-decomposition of a 3x3 RGB covariance of 0-255 pixel values, largest first, on the 0-1
+    scale of fb.resnet.torch's published ImageNet values (Krizhevsky et al. 2012, §4.1)."""
+    values, vectors = np.linalg.eigh(np.asarray(cov, dtype=np.float64) / 255.0**2)
+    order = np.argsort(values)[::-1]
+    return {"eigval": [float(f"{max(v, 0.0):.6g}") for v in values[order]],
+            "eigvec": [[float(f"{x:.6g}") for x in row] for row in vectors[:, order]]}
+
+
+def load_rgb(path: str, max_resolution: int | None = None, short_side: int | None = None) -> np.ndarray:
     with Image.open(path) as im:
-        if max_resolution and im.format == "JPEG" and max(im.size) > 2 * max_resolution:
-            # Decode at 1/2, 1/4 or 1/8 scale while the longer side stays >= max_resolution.
-            w, h = im.size
-            k = max_resolution / max(w, h)
+        w, h = im.size
+        k = min(max_resolution / max(w, h) if max_resolution else 1.0, short_side / min(w, h) if short_side else 1.0)
+        if im.format == "JPEG" and k < 0.5:
+            # Decode at 1/2, 1/4 or 1/8 scale while the image stays at least k times its size.
             im.draft("RGB", (int(w * k) + 1, int(h * k) + 1))
-        return np.asarray(im.convert("RGB"))
+        rgb = np.asarray(im.convert("RGB"))
+    if short_side and min(rgb.shape[:2]) > short_side:  # area-averaged, as FFCV's own resizer
+        ratio = short_side / min(rgb.shape[:2])
+        size = (max(short_side, round(rgb.shape[1] * ratio)), max(short_side, round(rgb.shape[0] * ratio)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return rgb
 
 
-def _array_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+def _array_stats(images: np.ndarray) -> tuple[list[float], list[float], dict[str, Any]]:
     pixels = images.reshape(-1, 3).astype(np.float64)
-    return pixels.mean(0).tolist(), pixels.std(0).tolist()
+    return pixels.mean(0).tolist(), pixels.std(0).tolist(), principal_components(np.cov(pixels.T, bias=True))
 
 
 def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
@@ -110,9 +137,9 @@ def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
 def from_arrays(kind: str, classes: list[str], train: tuple[np.ndarray, np.ndarray],
                 val: tuple[np.ndarray, np.ndarray], info: dict[str, Any] | None = None) -> Source:
     """A source from in-memory uint8 NxHxWx3 images and their labels (CIFAR, digits, tests)."""
-    mean, std = _array_stats(train[0])
+    mean, std, pca = _array_stats(train[0])
     return Source(kind, classes, {"train": _array_split(*train), "val": _array_split(*val)}, mean, std,
-                  info or {"kind": kind}, storage="raw")
+                  info or {"kind": kind}, storage="raw", pca=pca)
 
 
 # --- digits: scikit-learn's 1,797 real 8x8 handwritten digits, the embedded default ---------------
@@ -207,8 +234,8 @@ class _Checked:
     reason: str  # empty: a readable image
     height: int = 0
     width: int = 0
-    sums: np.ndarray | None = None  # per channel: sum and sum of squares of the pixel values
-    squares: np.ndarray | None = None
+    sums: np.ndarray | None = None  # per channel: sum of the pixel values
+    products: np.ndarray | None = None  # 3x3: sums of the products of channel pairs (squares on the diagonal)
     pixels: int = 0
 
 
@@ -225,9 +252,8 @@ def _check_image(job: tuple[str, bool]) -> _Checked:
     h, w, _ = rgb.shape
     if not stats:
         return _Checked(path, "", h, w)
-    flat = rgb.reshape(-1, 3)
-    wide = flat.astype(np.uint32)
-    return _Checked(path, "", h, w, flat.sum(0, dtype=np.float64), (wide * wide).sum(0, dtype=np.float64), len(flat))
+    flat = rgb.reshape(-1, 3).astype(np.float64)  # exact: sums of 255^2 stay far below 2^53
+    return _Checked(path, "", h, w, flat.sum(0), flat.T @ flat, len(flat))
 
 
 def _list_split(split_dir: Path, classes: list[str] | None, root: Path,
@@ -291,7 +317,7 @@ def imagefolder(root: Path, workers: int, max_resolution: int | None, progress: 
     train_checked, val_checked = checked[:len(train_paths)], checked[len(train_paths):]
 
     splits = {}
-    sums, squares, pixels = np.zeros(3), np.zeros(3), 0
+    sums, products, pixels = np.zeros(3), np.zeros((3, 3)), 0
     for name, results, labels in (("train", train_checked, train_labels), ("val", val_checked, val_labels)):
         keep = [i for i, c in enumerate(results) if not c.reason]
         for c in results:
@@ -304,14 +330,20 @@ def imagefolder(root: Path, workers: int, max_resolution: int | None, progress: 
                     raise UsageError(f"class folder '{root / 'train' / cls}' has no readable image: every file in "
                                      "it was skipped (see the reasons above).")
             for i in keep:
-                sums, squares, pixels = sums + results[i].sums, squares + results[i].squares, pixels + results[i].pixels
-        splits[name] = Split(FileSamples([results[i].path for i in keep], kept_labels, max_resolution), kept_labels,
-                             np.asarray([results[i].height for i in keep]), np.asarray([results[i].width for i in keep]))
+                sums, products = sums + results[i].sums, products + results[i].products
+                pixels += results[i].pixels
+        # Validation keeps each whole image, its shorter side capped at the largest test scale (unless
+        # max_resolution=0 keeps every image's size); training is capped by max_resolution.
+        short = None if name == "train" or not max_resolution else EVAL_SHORT_SIDE
+        samples = FileSamples([results[i].path for i in keep], kept_labels, None if short else max_resolution, short)
+        splits[name] = Split(samples, kept_labels, np.asarray([results[i].height for i in keep]),
+                             np.asarray([results[i].width for i in keep]), short)
     if len(splits["val"].labels) == 0:
         raise UsageError(f"'{root / val_name}' has no readable image.")
     mean = sums / pixels
-    std = np.sqrt(np.maximum(squares / pixels - mean**2, 0.0))
+    cov = products / pixels - np.outer(mean, mean)
+    std = np.sqrt(np.maximum(cov.diagonal(), 0.0))
     return Source("imagefolder", classes, splits, mean.tolist(), std.tolist(),
                   {"kind": "imagefolder", "root": str(root.resolve()), "val": val_name}, skipped,
                   storage="raw" if all(max(s.heights.max(), s.widths.max()) <= TINY_SIDE for s in splits.values())
-                  else "jpeg")
+                  else "jpeg", pca=principal_components(cov))

@@ -126,8 +126,11 @@ def _page_size(split: Split) -> int:
     return size
 
 
-def _fields(w: WriteSettings) -> dict:
-    image = RGBImageField(write_mode=WRITE_MODE[w.storage], max_resolution=w.max_resolution or None,
+def _fields(w: WriteSettings, split: Split) -> dict:
+    # A split whose source caps the shorter side (validation: whole images for 10-crop and
+    # multi-scale testing, issue 18) is stored as it comes; the others are capped by max_resolution.
+    image = RGBImageField(write_mode=WRITE_MODE[w.storage], max_resolution=None if split.short_side else
+                          w.max_resolution or None,
                           smart_threshold=w.smart_threshold, jpeg_quality=w.jpeg_quality,
                           compress_probability=w.compress_probability)
     return {"image": image, "label": IntField()}
@@ -143,7 +146,9 @@ def _split_meta(split: Split, classes: list[str], path: Path) -> dict[str, Any]:
     counts = np.bincount(split.labels, minlength=len(classes))
     return {"file": path.name, "samples": len(split.labels), "bytes": path.stat().st_size,
             "per_class": {c: int(n) for c, n in zip(classes, counts)},
-            "image_size": {"height": _size_stats(split.heights), "width": _size_stats(split.widths)}}
+            "image_size": {"height": _size_stats(split.heights), "width": _size_stats(split.widths)},
+            # Set: stored whole, the shorter side at most this (as found before: image_size).
+            "short_side": split.short_side}
 
 
 def out_is_free(out: Path) -> bool:
@@ -167,7 +172,7 @@ def write_dataset(source: Source, out: Path, w: WriteSettings, overwrite: bool =
         started = time.time()
         for name, split in source.splits.items():
             path = tmp / BETON[name]
-            writer = _Writer(str(path), _fields(w), _page_size(split), max(1, w.workers), f"write {BETON[name]}",
+            writer = _Writer(str(path), _fields(w, split), _page_size(split), max(1, w.workers), f"write {BETON[name]}",
                              w.progress)
             # Small chunks for small splits, so every process gets a share.
             chunk = max(1, min(100, len(split.labels) // (4 * max(1, w.workers))))
@@ -187,6 +192,8 @@ def write_dataset(source: Source, out: Path, w: WriteSettings, overwrite: bool =
             # mean and divide by the std (paper §3.4 / §4.2: "per-pixel mean subtracted").
             "mean": [round(m, 4) for m in source.mean],
             "std": [round(s, 4) for s in source.std],
+        # The training pixels' RGB principal components (0-1 scale), for AlexNet's PCA lighting.
+        "pca": source.pca,
             "skipped": source.skipped,
             "write": {"storage": w.storage, "write_mode": WRITE_MODE[w.storage], "max_resolution": w.max_resolution,
                       "jpeg_quality": w.jpeg_quality, "compress_probability": w.compress_probability,
