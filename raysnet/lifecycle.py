@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,8 @@ CONFIG_FILE = "raysnet-config.yaml"
 # Keys a resumed run may change: they alter how it runs, not what it computes.
 RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run.cpus_per_worker",
                   "data.loader_workers", "tracking.log_model", "model.compile", "model.compile_mode",
-                  "run.ddp_static_graph", "data.loader"}
+                  "run.ddp_static_graph", "data.loader", "run.progress_s", "tracking.step_every",
+                  "tracking.system_metrics_s", "tracking.register"}
 # A job submitted with --working-dir runs in a copy Ray deletes later (see README, "Training").
 RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
 
@@ -182,19 +185,66 @@ def steps_per_epoch(cfg: Config, meta: dict) -> int:
 
 # --- Ray -----------------------------------------------------------------------------------------
 
+# Lines Ray prints into every normal run that report nothing wrong (issue 15), left out of what Ray
+# forwards to this driver: Ray Train's controller starts its PreemptionWatcher actor with
+# max_restarts and its arguments in the object store, and Ray's core worker logs that at ERROR
+# level every time (ray-project/ray#53727); nothing in it is for a user to act on.
+HARMLESS_RAY_LINES = (re.compile(r"core_worker\.cc.*'PreemptionWatcher'.*max_restarts"),)
+# Ray's notice that token authentication is on (its default in 2.60), printed by every ray.init:
+# the README's "Training" section says how the token works.
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
 def connect_ray(cpus: int):
     """The cluster we were submitted to (`ray job submit` sets RAY_ADDRESS), else a local Ray with
     at least `cpus` logical CPUs (so the requested workers fit even on a small laptop)."""
     import ray
 
     if not ray.is_initialized():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DropTokenNotice())
+        start = time.perf_counter()
         if os.environ.get("RAY_ADDRESS"):
             ray.init(logging_level="WARNING")
+            where = f"connected to the Ray cluster at {os.environ['RAY_ADDRESS']}"
         else:
             # The dashboard (on loopback) also serves the state API that Ray Train's clean-up relies on.
+            # Its address goes to every process of the job: Ray Train's placement-group cleaner asks
+            # the state API without one, which picks the newest Ray on the machine (another user's, a
+            # test's) when there are several, and dies with a traceback when that one does not answer.
+            port = _free_port(8265)
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=True,
-                     dashboard_host="127.0.0.1", dashboard_port=_free_port(8265), logging_level="WARNING")
+                     dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING",
+                     runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+            where = "started a local Ray on 127.0.0.1"
+        print(f"raysnet: {where} in {time.perf_counter() - start:.1f} s", flush=True)
+    quiet_ray_logs()
     return ray
+
+
+def quiet_ray_logs() -> None:
+    """Leave HARMLESS_RAY_LINES out of the worker output Ray prints in this driver (once per ray.init)."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    handlers = dict(dispatcher.handlers)
+    printer = handlers.get("ray_print_logs")  # absent with log_to_driver=False
+    if printer is None or getattr(printer, "raysnet", False):
+        return
+    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+
+    def print_logs(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not any(p.search(line) for p in HARMLESS_RAY_LINES)]
+        if lines:
+            ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    print_logs.raysnet = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_logs)  # the same name: ray.shutdown removes it
 
 
 def _free_port(preferred: int) -> int:
@@ -256,7 +306,8 @@ def _epoch_printer(epochs: int):
 
 
 def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: list):
-    """The `TorchTrainer` of one run."""
+    """The `TorchTrainer` of one run. Rank 0 shows its progress as a tqdm bar when this driver's
+    stdout is a terminal (Ray draws the workers' bars here), else as lines."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -265,7 +316,8 @@ def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: l
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
         _train_loop,
-        train_loop_config={"config": to_dict(cfg), "meta": meta, "run_id": run_id},
+        train_loop_config={"config": to_dict(cfg), "meta": meta, "run_id": run_id,
+                           "progress": "bar" if sys.stdout.isatty() else "lines"},
         # Gloo on the node's Ray IP, not wherever the hostname resolves (often 127.0.0.1).
         torch_config=NodeNetworkTorchConfig(),
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0, resources_per_worker=resources),
@@ -288,20 +340,24 @@ def _train_loop(config: dict) -> None:
 # --- the run -------------------------------------------------------------------------------------
 
 def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-            callbacks: list | None = None) -> int:
+            callbacks: list | None = None, title: str | None = None) -> int:
     """Train one run to the end (or resume it) and record it. -> exit status: 0 done, 1 the loss
     became non-finite (the run is closed FAILED and tagged diverged). `parent_run_id` nests the
-    MLflow run under a sweep's parent; `tags` are added to it; `callbacks` go to Ray Train."""
+    MLflow run under a sweep's parent; `tags` are added to it; `callbacks` go to Ray Train; `title`
+    is the name the MLflow UI lists it by (default run.name)."""
+    start = time.perf_counter()
     cfg, meta, resumed = preflight(cfg)
+    print(f"raysnet: checked the config, the dataset and the tracking store in {time.perf_counter() - start:.1f} s",
+          flush=True)
     cpus = cfg.run.workers * cfg.run.cpus_per_worker
     connect_ray(cpus)
     gpus = gpus_per_worker(cfg)
     steps = steps_per_epoch(cfg, meta)
     nest = {tracking.PARENT_TAG: parent_run_id} if parent_run_id else {}
     run_id, _ = tracking.open_run(cfg, {**tracking.run_tags(cfg, hardware(gpus, cfg)), **(tags or {}), **nest},
-                                  {tracking.STEPS_PARAM: steps})
-    print(f"raysnet: {'resuming' if resumed else 'training'} {_describe(cfg, meta, gpus, steps)}; run {cfg.run.name}",
-          flush=True)
+                                  {tracking.STEPS_PARAM: steps}, title=title)
+    print(f"raysnet: {'resuming' if resumed else 'training'} {_describe(cfg, meta, gpus, steps)}; run {cfg.run.name}; "
+          f"starting the workers", flush=True)
     try:
         result = make_trainer(cfg, meta, run_id, gpus, callbacks or []).fit()
         return finish(cfg, run_id, result)
@@ -332,13 +388,17 @@ def finish(cfg: Config, run_id: str, result: Any) -> int:
         print(f"error: {why} (lower optim.lr, or check the data); training stopped and {last}.", file=sys.stderr)
         tracking.fail_run(cfg, run_id, diverged=why)
         return 1
+    m = {k: (result.metrics or {}).get(k, float("nan")) for k in ("val_err", "val_err_top5", "train_err")}
     with result.checkpoint.as_directory() as d:
         model = checkpoint.load_model(Path(d) / checkpoint.CHECKPOINT_FILE).model
-        tracking.finish_run(cfg, run_id, d, model, example=torch.zeros(1, 3, cfg.data.crop, cfg.data.crop))
-    m = {k: (result.metrics or {}).get(k, float("nan")) for k in ("val_err", "val_err_top5", "train_err")}
+        # A batch of 2: torch.export keeps the batch dimension dynamic (with 1 it specializes it, and warns).
+        registered = tracking.finish_run(cfg, run_id, d, model, val_err=m["val_err"],
+                                         example=torch.zeros(2, 3, cfg.data.crop, cfg.data.crop))
+    experiment = tracking.client(cfg.tracking.uri).get_run(run_id).info.experiment_id
     print(f"raysnet: done. val_err {m['val_err']:.2f}% (top-5 {m['val_err_top5']:.2f}%), train_err "
           f"{m['train_err']:.2f}% after {cfg.epochs} epochs.\n"
           f"  checkpoints: {result.checkpoint.path}\n"
           f"  MLflow: experiment {cfg.tracking.experiment}, run {run_id} at {cfg.tracking.uri}\n"
-          f"  open the MLflow UI: {tracking.ui_command(cfg.tracking.uri)}")
+          + (f"  model registry: {registered}\n" if registered else "") +
+          f"  open the MLflow UI: {tracking.ui_command(cfg.tracking.uri, experiment)}")
     return 0

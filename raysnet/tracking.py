@@ -34,6 +34,16 @@ DIVERGED_TAG = "raysnet.diverged"  # the loss became non-finite: a result of the
 STOPPED_TAG = "raysnet.stopped"  # a trial stopped early by the scheduler
 STEPS_PARAM = "steps_per_epoch"  # each run's training steps per epoch (plots against iterations)
 STATUS_STOPPED = "KILLED"  # MLflow's status for a trial the scheduler stopped early
+# Step-level curves (issue 15): rank 0's training loss and error over its last tracking.step_every
+# steps, and the lr, at MLflow step = global iteration (iterations done), for Fig. 4/6 against
+# iterations. Per-epoch METRICS keep step = epoch.
+STEP_METRICS = ("iter/train_loss", "iter/train_err", "iter/lr")
+STEP_POINTS = 30  # tracking.step_every=null: about this many points per epoch
+# MLflow 3 opens an experiment on the view of its kind: model training opens on the runs table
+# (the UI's value for it; GenAI experiments open on traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NODE_TAG = "raysnet.node"  # raysnet.node.node<i>: which machine system/node<i>/... was measured on
 
 
 def default_uri(storage: str) -> str:
@@ -61,15 +71,27 @@ def check_reachable(uri: str) -> None:
                          "running one, or leave tracking.uri empty to record into a local SQLite store.") from None
 
 
-def ui_command(uri: str) -> str:
+def ui_url(base: str, experiment: str | None = None) -> str:
+    """The MLflow UI at `base` on an experiment's runs table (the experiments list without one)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs" if experiment else base
+
+
+def ui_command(uri: str, experiment: str | None = None) -> str:
+    """How to open the UI on the runs table of `experiment` (an id)."""
     if uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser"
+        return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+                f"{ui_url('http://127.0.0.1:5000', experiment)}")
+    return f"open {ui_url(uri, experiment)} in a browser"
 
 
 def client(uri: str):
+    import logging
+
     from mlflow import MlflowClient
 
+    # Its INFO lines when a new SQLite store makes its tables ("Creating initial MLflow database
+    # tables...") are no news to a user (issue 15: quiet logs).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(uri)
 
 
@@ -81,7 +103,7 @@ def experiment_id(mlflow, name: str, storage: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = str(Path(storage) / "mlartifacts") if uri.startswith("sqlite:") else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def find_run(mlflow, experiment: str, tag: str, value: str):
@@ -154,33 +176,54 @@ def log_params(mlflow, run_id: str, params: dict[str, Any]) -> None:
         mlflow.log_batch(run_id, params=batch[i:i + 100])
 
 
-def open_run(cfg: Config, tags: dict[str, str], params: dict[str, Any]) -> tuple[str, bool]:
+def open_run(cfg: Config, tags: dict[str, str], params: dict[str, Any], title: str | None = None) -> tuple[str, bool]:
     """The MLflow run of `cfg.run.name`, created with the config as params, `params` and `tags`
-    unless it exists (a resumed run keeps what it was created with). -> (run id, resumed)"""
+    unless it exists (a resumed run keeps what it was created with); the UI lists it as `title`
+    (default run.name: the tag raysnet.run_name is what finds it again). -> (run id, resumed)"""
     mlflow = client(cfg.tracking.uri)
     found = find_run(mlflow, cfg.tracking.experiment, RUN_NAME_TAG, cfg.run.name)
     if found:
         mlflow.update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id, True
     exp_id = experiment_id(mlflow, cfg.tracking.experiment, cfg.run.storage, cfg.tracking.uri)
-    run = mlflow.create_run(exp_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name, **tags})
+    run = mlflow.create_run(exp_id, run_name=title or cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name, **tags})
     log_params(mlflow, run.info.run_id, {**flatten(cfg), **params})
     mlflow.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")  # the resolved config, rerunnable as is
     return run.info.run_id, False
 
 
 class Tracker:
-    """Rank 0's per-epoch logging. Each epoch lands exactly once, even across restarts and outages:
-    it logs whatever epochs of the checkpointed history MLflow does not have yet."""
+    """Rank 0's logging, on one background thread so the training never waits for MLflow.
+
+    Each epoch (step = epoch) lands exactly once, even across restarts and outages: `sync` logs
+    whatever epochs of the checkpointed history MLflow does not have yet. Step-level points (step =
+    global iteration) land at most once and in order: a process asks MLflow for the last step it
+    holds and logs only later ones, so the steps a restarted epoch trains again are not doubled."""
 
     def __init__(self, cfg: Config, run_id: str):
+        from concurrent.futures import ThreadPoolExecutor
+
         # Bounded retries: an outage delays an epoch's metrics to the next sync, never the training.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client, self.run_id = client(cfg.tracking.uri), run_id
         self.logged: set[int] | None = None  # epochs MLflow has; None: ask it
+        self.last_step: int | None = None  # the last global step of STEP_METRICS MLflow has; None: ask it
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="raysnet-mlflow")
 
     def sync(self, history: list[dict[str, Any]]) -> None:
+        """Log the epochs of `history` MLflow lacks, after every step point queued before (waits)."""
+        self._thread.submit(self._sync, history).result()
+
+    def log_steps(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        """Queue [(global step, {metric: value})], oldest first; returns at once."""
+        if points:
+            self._thread.submit(self._log_steps, points)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    def _sync(self, history: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
 
         try:
@@ -196,6 +239,47 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - any tracking failure must leave the training running
             self.logged = None  # after a failure, ask MLflow again what it has, so nothing doubles
             warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); will retry next epoch.", stacklevel=2)
+
+    def _log_steps(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        try:
+            if self.last_step is None:
+                self.last_step = max((m.step for m in self.client.get_metric_history(self.run_id, STEP_METRICS[0])),
+                                     default=0)
+            fresh = [(step, values) for step, values in points if step > self.last_step]
+            now = int(1000 * time.time())
+            metrics = [Metric(k, float(v), now, step) for step, values in fresh for k, v in values.items()]
+            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            if fresh:
+                self.last_step = fresh[-1][0]
+        except Exception as e:  # noqa: BLE001 - as in _sync: the training goes on
+            self.last_step = None
+            warnings.warn(f"MLflow logging of step metrics failed ({type(e).__name__}: {e}); those points are "
+                          "skipped.", stacklevel=2)
+
+
+def start_system_metrics(cfg: Config, run_id: str, node: str, where: str):
+    """MLflow's system-metrics monitor for this node (CPU, memory, disk, network, each GPU when
+    nvidia-ml-py finds one) as system/<node>/..., continuing the run's steps after a restart;
+    `where` (the machine) goes to the tag raysnet.node.<node>. -> the monitor (call .finish()), or None."""
+    if not cfg.tracking.system_metrics_s:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO line per start and stop
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_s, resume_logging=True,
+                                       node_id=node, tracking_uri=cfg.tracking.uri)
+        client(cfg.tracking.uri).set_tag(run_id, f"{NODE_TAG}.{node}", where)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - the training matters more than its system metrics
+        warnings.warn(f"MLflow system metrics of {node} are off ({type(e).__name__}: {e}).", stacklevel=2)
+        return None
 
 
 @contextlib.contextmanager
@@ -217,21 +301,46 @@ def fluent_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, example=None) -> None:
-    """Artifacts at the end: the last checkpoint and the model in MLflow's format."""
-    import mlflow
-
+def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, example=None,
+               val_err: float = float("nan")) -> str | None:
+    """Artifacts at the end: the last checkpoint and the model in MLflow's format, registered as
+    tracking.register when set. -> the registered model's "name version N", or None"""
     records = client(cfg.tracking.uri)
     if checkpoint_dir:
         records.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
+    registered = None
     if model is not None and cfg.tracking.log_model:
-        import torch
-
-        with fluent_uri(cfg.tracking.uri), mlflow.start_run(run_id=run_id):
-            # Explicit requirements: MLflow's inference imports the world and takes minutes.
-            mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        model_uri = _log_model(cfg, run_id, model, example)
+        if cfg.tracking.register:
+            registered = register(cfg, run_id, model_uri, val_err)
     records.set_terminated(run_id, status="FINISHED")
+    return registered
+
+
+def _log_model(cfg: Config, run_id: str, model, example) -> str:
+    import mlflow
+    import torch
+
+    with fluent_uri(cfg.tracking.uri), mlflow.start_run(run_id=run_id):
+        # Explicit requirements: MLflow's inference imports the world and takes minutes.
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return info.model_uri
+
+
+def register(cfg: Config, run_id: str, model_uri: str, val_err: float) -> str:
+    """The logged model as a new version of the registered model tracking.register, its
+    description the run's val_err. -> 'NAME version N'"""
+    import mlflow
+
+    with fluent_uri(cfg.tracking.uri):
+        version = mlflow.register_model(model_uri, cfg.tracking.register,
+                                        tags={RUN_NAME_TAG: cfg.run.name, "arch": cfg.arch})
+    client(cfg.tracking.uri).update_model_version(
+        cfg.tracking.register, version.version,
+        description=f"{cfg.arch} on {cfg.data.name}: val_err {val_err:.2f}% after {cfg.epochs} epochs "
+                    f"(run {cfg.run.name}, MLflow run {run_id}).")
+    return f"{cfg.tracking.register} version {version.version}"
 
 
 def fail_run(cfg: Config, run_id: str, diverged: str = "") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -90,3 +92,54 @@ def test_channels_last_batches_reach_the_model():
     train_step(model, images.contiguous(memory_format=torch.channels_last), labels, opt, sched,
                EpochStats(torch.device("cpu")), 0, None)
     assert seen == [True]
+
+
+def test_the_progress_watch_never_waits_for_the_host_either(monkeypatch, capsys):
+    """Rank 0's watch (progress lines, step-level points every step here) adds no transfer to a step:
+    its one read of the device comes when a line is due (run.progress_s) or the epoch ends."""
+    from raysnet.train.progress import Watch
+
+    cfg = load_config(["run.progress_s=3600", "tracking.step_every=1", "epochs=2"])
+    model, opt, sched, images, labels = _step_setup()
+    stats = EpochStats(torch.device("cpu"))
+    watch = Watch(cfg, steps=4, world=2, tracker=None, mode="lines")
+    watch.start_epoch(1)
+    calls = []
+    for name in ("item", "cpu", "tolist", "__bool__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **k):
+            calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for step in range(3):
+        lr = opt.param_groups[0]["lr"]
+        train_step(model, images, labels, opt, sched, stats, step, None)
+        watch.after_step(step, stats.sums, lr)
+    monkeypatch.undo()
+    assert calls == []
+    assert [g for g, _, _ in watch.now.snaps] == [5, 6, 7]  # global steps: epoch 1 of 4-step epochs, 1-based
+    watch.end_epoch(stats.sums, lr)
+    assert watch.now.snaps == [] and watch.now.logged[3] == 24  # flushed: 3 steps of 8 images
+    assert "the first step" in capsys.readouterr().out
+
+
+def test_progress_lines_say_where_the_epoch_and_the_run_are(capsys):
+    from raysnet.train.progress import Watch, duration
+
+    cfg = load_config(["run.progress_s=0.01", "epochs=3", "batch_size=16"])
+    watch = Watch(cfg, steps=10, world=2, tracker=None, mode="lines")
+    watch.start_epoch(0)
+    sums = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    for step in range(4):
+        sums += torch.tensor([2.0 * 8, 6, 8, 8], dtype=torch.float64)  # loss 2, 6 of 8 right
+        time.sleep(0.02)
+        watch.after_step(step, sums, 0.1)
+    line = [x for x in capsys.readouterr().out.splitlines() if "step 4/10" in x][-1]
+    assert "epoch 1/3" in line and "loss 2.000" in line and "err 25.00%" in line and "images/s" in line
+    assert "epoch ETA" in line and "run ETA" in line
+    epoch_left, run_left = watch.etas(per_step=1.0)
+    assert epoch_left == 6 and run_left == 6 + 2 * 10  # no whole epoch yet: the next ones as long as this one's steps
+    assert [duration(s) for s in (5, 65, 3 * 3600 + 120, 2 * 86400 + 4 * 3600)] == ["5 s", "1 min 05 s", "3 h 02 min",
+                                                                                    "2 d 04 h"]

@@ -281,6 +281,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bad value for 'run.gpus_per_worker': {gpus}. Expected 0 or more: a fraction of one GPU "
                           "(e.g. 0.2, five workers sharing it) or a whole number of GPUs.")
     check_run_name(cfg.run.name)
+    _validate_watching(cfg)
+
+
+def _validate_watching(cfg: Config) -> None:
+    """The keys of what a run shows while it runs: progress lines, step metrics, system metrics, registry."""
+    cadences = {"run.progress_s": cfg.run.progress_s, "tracking.step_every": cfg.tracking.step_every or 0,
+                "tracking.system_metrics_s": cfg.tracking.system_metrics_s}
+    for key, value in cadences.items():
+        if value < 0:
+            raise ConfigError(f"bad value for '{key}': {value}. Expected 0 (off) or more.")
+    if cfg.tracking.register and not cfg.tracking.log_model:
+        raise ConfigError(f"tracking.register={cfg.tracking.register} registers the model that tracking.log_model "
+                          "logs, but tracking.log_model=false. Set tracking.log_model=true, or leave "
+                          "tracking.register empty.")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -114,6 +114,9 @@ class RunConfig:
     # DDP static_graph: the ResNets use every parameter in every step, so DDP may record the
     # graph once and skip re-tracing which gradients are ready (issue 7).
     ddp_static_graph: bool = True
+    # Progress inside an epoch, from rank 0 (issue 15): a tqdm bar when the driver's stdout is a
+    # terminal, else a plain line every `progress_s` seconds (Ray job logs are not terminals). 0: off.
+    progress_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,14 @@ class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db
     experiment: str = ""  # empty: raysnet-<data>
     log_model: bool = True  # mlflow.pytorch.log_model at the end
+    # Training loss and error of rank 0's last `step_every` steps, at MLflow step = global iteration
+    # (metrics iter/*; issue 15). None: about 30 points per epoch; 0: off.
+    step_every: Optional[int] = None
+    # System metrics (CPU, memory, disk, network, each GPU) of every node that hosts a worker, sampled
+    # every `system_metrics_s` seconds into the run's "System metrics" as system/node<i>/... 0: off.
+    system_metrics_s: float = 10.0
+    # Register the final model in MLflow's model registry under this name (needs log_model); empty: no.
+    register: str = ""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from raysnet.train.schedule import base_lr, lr_factor
 
 if TYPE_CHECKING:
     from raysnet.tracking import Tracker
+    from raysnet.train.progress import Watch
 
 NONFINITE_NOTE = "nonfinite.json"
 # Steps at the start of an epoch left out of `images_per_sec` when they are warm-up, not
@@ -204,6 +205,8 @@ class Job:
     first_epoch: int  # the first this process runs: 0, or the one after a restored checkpoint
     history: list[dict[str, float]]  # every finished epoch's metrics, restored ones included
     tracker: Tracker | None  # rank 0's MLflow logger
+    watch: Watch | None = None  # rank 0's progress lines and step-level points
+    monitor: Any = None  # this node's MLflow system-metrics monitor (on its local rank 0)
 
 
 def _seed_and_device(cfg: Config, rank: int) -> torch.device:
@@ -274,26 +277,60 @@ def build(config: dict[str, Any]) -> Job:
 
     from raysnet.data import steps_per_epoch
     from raysnet.tracking import Tracker
+    from raysnet.train.progress import Watch
 
     cfg, meta, run_id = from_dict(config["config"]), config["meta"], config["run_id"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    monitor = _system_metrics(cfg, run_id, ctx)
+    clock = [time.perf_counter()]
     device = _seed_and_device(cfg, rank)
     train_loader, val_loader = _loaders(cfg, meta, world, device)
+    clock.append(time.perf_counter())
     steps = steps_per_epoch(meta["splits"]["train"]["samples"], cfg.batch_size, world, cfg.run.max_steps)
     model, raw = _network(cfg, len(meta["classes"]))
     # The schedule is per iteration, so milestones fall where the paper puts them.
     optimizer = make_optimizer(raw, cfg, device)
     total = steps * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
+    clock.append(time.perf_counter())
     first_epoch, history = _restore(raw, optimizer, scheduler, device)
+    clock.append(time.perf_counter())
     tracker = Tracker(cfg, run_id) if rank == 0 else None
     if tracker:
         tracker.sync(history)  # epochs checkpointed but not yet in MLflow (a crash in between)
+        _say_built(cfg, world, first_epoch, clock)
+    watch = Watch(cfg, steps, world, tracker, config.get("progress", "lines")) if rank == 0 else None
     return Job(cfg=cfg, run_id=run_id, rank=rank, device=device, dtype=autocast_dtype(cfg.run.precision, device),
                train_loader=train_loader, val_loader=val_loader, steps=steps, model=model, raw=raw,
                optimizer=optimizer, scheduler=scheduler, first_epoch=first_epoch, history=history,
-               tracker=tracker)
+               tracker=tracker, watch=watch, monitor=monitor)
+
+
+def _say_built(cfg: Config, world: int, first_epoch: int, clock: list[float]) -> None:
+    """Rank 0 says what the start-up of the workers took (issue 15: no silent phases)."""
+    from raysnet.train.progress import say
+
+    if cfg.run.progress_s <= 0:
+        return
+    loaders, network, restore = (b - a for a, b in zip(clock, clock[1:]))
+    resumed = f", checkpoint of epoch {first_epoch} restored in {restore:.1f} s" if first_epoch else ""
+    say(f"{world} worker(s) up; rank 0 built its data loaders in {loaders:.1f} s and the network in "
+        f"{network:.1f} s{resumed}")
+
+
+def _system_metrics(cfg: Config, run_id: str, ctx) -> Any:
+    """The local rank 0 of each node starts MLflow's system-metrics monitor there, as node<i>."""
+    import socket
+
+    import ray
+
+    from raysnet.tracking import start_system_metrics
+
+    if ctx.get_local_rank() != 0:
+        return None
+    node = f"node{ctx.get_node_rank()}"
+    return start_system_metrics(cfg, run_id, node, f"{socket.gethostname()} {ray.util.get_node_ip_address()}")
 
 
 def _start_epoch(job: Job, epoch: int) -> int:
@@ -310,10 +347,11 @@ def _start_epoch(job: Job, epoch: int) -> int:
 
 
 def _train(job: Job, warm: int) -> tuple[dict[str, float], float]:
-    """An epoch of training steps: (EpochStats.reduce() over workers, images/s after `warm` steps)."""
+    """An epoch of training steps: (EpochStats.reduce() over workers, images/s after `warm` steps).
+    Rank 0's watch sees every step without waiting for the device (raysnet.train.progress)."""
     job.model.train()
-    stats = EpochStats(job.device)
-    timed_start, done = time.perf_counter(), 0
+    stats, watch = EpochStats(job.device), job.watch
+    timed_start, done, lr = time.perf_counter(), 0, job.optimizer.param_groups[0]["lr"]
     for step, (images, labels) in enumerate(job.train_loader):
         if step >= job.steps:
             break
@@ -321,9 +359,14 @@ def _train(job: Job, warm: int) -> tuple[dict[str, float], float]:
             if job.device.type == "cuda":
                 torch.cuda.synchronize(job.device)  # once an epoch: the warm-up steps must be finished
             timed_start = time.perf_counter()
+        lr = job.optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps inside train_step)
         train_step(job.model, images, labels, job.optimizer, job.scheduler, stats, step, job.dtype,
                    job.cfg.optim.label_smoothing)
         done += 1
+        if watch:
+            watch.after_step(step, stats.sums, lr)
+    if watch:
+        watch.end_epoch(stats.sums, lr)
     train = stats.reduce()
     train_time = time.perf_counter() - timed_start
     timed_images = train["n"] * (done - warm) / max(done, 1)  # every step has the same batch (drop_last)
@@ -368,6 +411,8 @@ def run_epoch(job: Job, epoch: int) -> dict[str, float] | None:
     """Train, validate when due, checkpoint, report: the epoch's metrics, or None when a loss was
     not finite (the run stops)."""
     start = time.perf_counter()
+    if job.watch:
+        job.watch.start_epoch(epoch)
     warm = _start_epoch(job, epoch)
     lr = job.optimizer.param_groups[0]["lr"]
     train, images_per_sec = _train(job, warm)
@@ -391,6 +436,12 @@ def train_loop(config: dict[str, Any]) -> None:
     dataset metadata, "run_id": MLflow run id}."""
     _quiet_ray_train_reports()
     job = build(config)
-    for epoch in range(job.first_epoch, job.cfg.epochs):
-        if run_epoch(job, epoch) is None:
-            return
+    try:
+        for epoch in range(job.first_epoch, job.cfg.epochs):
+            if run_epoch(job, epoch) is None:
+                return
+    finally:
+        if job.tracker:
+            job.tracker.close()  # the step points still queued land before the run closes
+        if job.monitor:
+            job.monitor.finish()

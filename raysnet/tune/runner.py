@@ -102,7 +102,8 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
         return
     print(f"raysnet: trial {cfg.run.name} {json.dumps(overrides)}", flush=True)
     tags = {"sweep": ctx.spec.name, tracking.SWEEP_ID_TAG: ctx.sweep_id, tracking.TRIAL_TAG: json.dumps(overrides)}
-    lifecycle.run_one(cfg, parent_run_id=ctx.parent_run_id, tags=tags, callbacks=[_report_callback()])
+    lifecycle.run_one(cfg, parent_run_id=ctx.parent_run_id, tags=tags, callbacks=[_report_callback()],
+                      title=sweeps.trial_title(cfg, overrides))
 
 
 def _tune_callbacks(ctx: Context) -> list:
@@ -267,7 +268,7 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
               "finished trials are kept.\n  " + "\n  ".join(errors))
         return 1
     print(f"raysnet: sweep {sweep_id} done. Tune state: {sweep_dir}/tune; MLflow: "
-          f"{tracking.ui_command(base.tracking.uri)}")
+          f"{tracking.ui_command(base.tracking.uri, exp_id)}")
     return 0
 
 

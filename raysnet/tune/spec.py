@@ -235,6 +235,21 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else _value(v)
 
 
+# What a trial's title always shows, in this order; its other overrides follow as key-value.
+TITLE_KEYS = ("arch", "model.shortcut", "run.seed")
+
+
+def trial_title(cfg: Config, overrides: dict[str, Any]) -> str:
+    """The name the MLflow UI lists a trial by, so a sweep's children read like the paper's tables:
+    `plain56-A-seed0`, then what else the trial varies (`resnet20-A-seed0-lr0.05`). run.name stays the
+    unique `run_name` (it also names the trial's directory and finds its run again)."""
+    from raysnet.models import get_arch
+
+    shortcut = cfg.model.shortcut or get_arch(cfg.arch).default_shortcut
+    rest = [f"{k.rpartition('.')[2]}{_short(v)}" for k, v in overrides.items() if k not in TITLE_KEYS]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join([cfg.arch, shortcut, f"seed{cfg.run.seed}", *rest]))
+
+
 def run_name(sweep_id: str, spec: Sweep, overrides: dict[str, Any]) -> str:
     """A trial's run.name, the same on every rerun: `<sweep>-<its values>-<hash>`."""
     parts = [_short(v) if k == "arch" else f"{k.rpartition('.')[2]}{_short(v)}" for k, v in overrides.items()]

@@ -1,0 +1,179 @@
+"""What rank 0 shows while an epoch runs (issue 15): progress lines or a bar, and the step-level
+points MLflow records.
+
+The training step never waits for the device. A step costs the watch a clock read and, every
+tracking.step_every steps, a device-side copy of the epoch's running sums (EpochStats.sums). Every
+run.progress_s seconds, and at the epoch's end, those copies and the current sums come to the host
+together (one transfer) to print a line, move the bar and queue the step points for MLflow.
+
+Loss, error and images/s come from rank 0's own batches (its shard of every global batch, scaled by
+the world size for images/s); the epoch's numbers for the tables stay the all-reduced ones.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from raysnet.config import Config
+
+if TYPE_CHECKING:
+    from raysnet.tracking import Tracker
+
+Mode = Literal["bar", "lines", "off"]
+FLUSH_S = 30.0  # with run.progress_s=0 the step points still reach MLflow this often
+
+
+def step_every(cfg: Config, steps: int) -> int:
+    """Steps per step-level point: tracking.step_every, else about STEP_POINTS an epoch; 0: none."""
+    from raysnet.tracking import STEP_POINTS
+
+    if cfg.tracking.step_every is not None:
+        return cfg.tracking.step_every
+    return max(1, round(steps / STEP_POINTS))
+
+
+def duration(seconds: float) -> str:
+    """12 s, 4 min 05 s, 3 h 12 min, 2 d 04 h: what an ETA needs, no more."""
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600:02d} h"
+
+
+def say(text: str) -> None:
+    """One line on stdout, which Ray forwards to the driver. Not print(): in a Ray Train worker that
+    also goes to the root logger, and Ray forwards both (every line twice)."""
+    sys.stdout.write(f"raysnet: {text}\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Epoch:
+    """The state of the epoch in progress."""
+
+    index: int
+    start: float  # time.monotonic() at its start
+    due: float  # when the next line (and flush) is due
+    first_step: float | None = None  # when step 0 finished: the rate is timed from there
+    done: int = 0  # steps finished
+    snaps: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)  # (global step, lr, sums)
+    logged: list[float] = field(default_factory=lambda: [0.0] * 4)  # the sums at the last point
+    ended: float = 0.0  # when its last step finished
+    bar: object | None = None
+
+
+class Watch:
+    """Rank 0's eye on the training loop: `start_epoch`, `after_step` per step, `end_epoch`."""
+
+    def __init__(self, cfg: Config, steps: int, world: int, tracker: Tracker | None, mode: Mode):
+        self.cfg, self.steps, self.world, self.tracker = cfg, steps, world, tracker
+        self.mode: Mode = mode if cfg.run.progress_s > 0 else "off"
+        self.every = step_every(cfg, steps)
+        self.interval = cfg.run.progress_s if self.mode != "off" else FLUSH_S
+        self.batch = cfg.batch_size // world  # each worker's share of the global batch
+        self.walls: list[float] = []  # whole epochs of this process: start to the next start
+        self.tails: list[float] = []  # of those, the time after the last step (validation, checkpoint)
+        self.now: Epoch | None = None
+        self.steps_start: float | None = None  # when this process's first step began; None once it is done
+
+    def start_epoch(self, epoch: int) -> None:
+        now = time.monotonic()
+        if self.now is not None:  # the previous epoch ended where this one starts
+            self.walls.append(now - self.now.start)
+            self.tails.append(now - self.now.ended)
+        self.now = Epoch(index=epoch, start=now, due=now + self.interval)
+        if self.mode == "bar":
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.now.bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step")
+        if not self.walls and self.mode != "off":  # this process's first epoch
+            what = "FFCV compiles its loader pipeline" + (", torch.compile the model" if self.cfg.model.compile else "")
+            say(f"epoch {epoch + 1}: the first step ({what}) ...")
+            self.steps_start = now
+
+    def after_step(self, step: int, stats_sums: torch.Tensor, lr: float) -> None:
+        """After step `step` (0-based) of the epoch: host-side bookkeeping; a transfer only when due."""
+        e = self.now
+        e.done = step + 1
+        now = time.monotonic()
+        if step == 0:
+            e.first_step = now
+            if self.steps_start is not None:
+                say(f"the first step took {now - self.steps_start:.1f} s")
+                self.steps_start = None
+        if self.every and e.done % self.every == 0:
+            e.snaps.append((self.global_step(e.done), lr, stats_sums.clone()))  # a device-side copy
+        if e.bar is not None:
+            e.bar.update(1)  # tqdm_ray sends its state at most once a second
+        if now >= e.due:
+            self._flush(stats_sums, now, show=True)
+            e.due = now + self.interval
+
+    def end_epoch(self, stats_sums: torch.Tensor, lr: float) -> None:
+        """After the epoch's last step: its last point (the epoch's tail) and every queued one go to MLflow."""
+        e = self.now
+        if self.every and e.done % self.every and e.done:
+            e.snaps.append((self.global_step(e.done), lr, stats_sums.clone()))
+        self._flush(stats_sums, time.monotonic(), show=False)
+        e.ended = time.monotonic()
+        if e.bar is not None:
+            e.bar.close()
+
+    # --- inside ---
+
+    def global_step(self, done_in_epoch: int) -> int:
+        """Iterations done since the run began: MLflow's step for the step-level points."""
+        return self.now.index * self.steps + done_in_epoch
+
+    def _flush(self, stats_sums: torch.Tensor, now: float, show: bool) -> None:
+        e = self.now
+        rows = torch.stack([s for _, _, s in e.snaps] + [stats_sums]).tolist()  # the one transfer
+        points = []
+        for (g, lr, _), row in zip(e.snaps, rows):
+            d = [a - b for a, b in zip(row, e.logged)]
+            if d[3] > 0:
+                points.append((g, {"iter/train_loss": d[0] / d[3], "iter/train_err": 100 * (1 - d[1] / d[3]),
+                                   "iter/lr": lr}))
+            e.logged = row
+        e.snaps = []
+        if self.tracker is not None:
+            self.tracker.log_steps(points)
+        if show and self.mode != "off":
+            self._show(rows[-1], now)
+
+    def _show(self, sums: list[float], now: float) -> None:
+        e = self.now
+        n = max(sums[3], 1.0)
+        loss, err = sums[0] / n, 100 * (1 - sums[1] / n)
+        timed = e.done - 1  # steps finished after step 0 (step 0 carries the epoch's start-up)
+        if e.first_step is None or timed < 1:
+            return
+        per_step = (now - e.first_step) / timed
+        images = self.batch * self.world / per_step
+        epoch_eta, run_eta = self.etas(per_step)
+        if e.bar is not None:
+            e.bar.set_description(f"epoch {e.index + 1}/{self.cfg.epochs} loss {loss:.3f} err {err:.2f}% "
+                                  f"{images:.0f} images/s, run ETA {duration(run_eta)}")
+            return
+        say(f"epoch {e.index + 1}/{self.cfg.epochs} step {e.done}/{self.steps}: loss {loss:.3f} err {err:.2f}% "
+            f"(rank 0, running) | {images:.0f} images/s | epoch ETA {duration(epoch_eta)}, "
+            f"run ETA {duration(run_eta)}")
+
+    def etas(self, per_step: float) -> tuple[float, float]:
+        """(seconds left in this epoch's steps, seconds left in the run): the epochs after this one
+        take as long as the last whole ones of this process, else as long as this one's steps."""
+        e = self.now
+        epoch_left = (self.steps - e.done) * per_step
+        recent = self.walls[-3:]
+        whole = sum(recent) / len(recent) if recent else self.steps * per_step
+        tail = sum(self.tails[-3:]) / len(self.tails[-3:]) if self.tails else 0.0
+        return epoch_left, epoch_left + tail + (self.cfg.epochs - e.index - 1) * whole

@@ -1,0 +1,97 @@
+"""MLflow's side of a run without Ray: experiments, step-level points across restarts, system
+metrics, the UI's address, the keys that steer them, and sweep trials' titles (real SQLite stores)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from raysnet import tracking
+from raysnet.config import ConfigError, load_config
+
+
+def _run(tmp_path, **overrides):
+    """A fresh store with one run of a config: (config, run id)."""
+    import dataclasses
+
+    cfg = load_config([f"run.storage={tmp_path}", "run.name=t"])
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="raysnet-test", **overrides))
+    run_id, _ = tracking.open_run(cfg, {}, {})
+    return cfg, run_id
+
+
+def test_experiments_raysnet_creates_open_on_the_runs_table(tmp_path):
+    cfg, run_id = _run(tmp_path)
+    mlflow = tracking.client(cfg.tracking.uri)
+    exp = mlflow.get_experiment_by_name("raysnet-test")
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    command = tracking.ui_command(cfg.tracking.uri, exp.experiment_id)
+    assert command.startswith(f"mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1")
+    assert command.endswith(f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs")
+    assert tracking.ui_command("http://h:5000", "7") == "open http://h:5000/#/experiments/7/runs in a browser"
+
+
+def test_step_points_land_once_across_a_restart(tmp_path):
+    """A restarted process trains again the steps after the last checkpoint: MLflow keeps the points it
+    has and gets only the later ones, each global step once."""
+    cfg, run_id = _run(tmp_path)
+
+    def points(steps):
+        return [(s, {"iter/train_loss": 1.0 / s, "iter/train_err": 50.0, "iter/lr": 0.1}) for s in steps]
+
+    first = tracking.Tracker(cfg, run_id)
+    first.log_steps(points(range(1, 11)))
+    first.close()  # the process is killed after step 10 ...
+    again = tracking.Tracker(cfg, run_id)  # ... and its successor starts from the checkpoint at step 6
+    again.log_steps(points(range(7, 16)))
+    again.log_steps(points(range(16, 21)))
+    again.sync([{"epoch": 0, **{k: 1.0 for k in tracking.METRICS}}])  # waits for the queued points
+    mlflow = tracking.client(cfg.tracking.uri)
+    for key in tracking.STEP_METRICS:
+        assert sorted(m.step for m in mlflow.get_metric_history(run_id, key)) == list(range(1, 21)), key
+    assert [m.step for m in mlflow.get_metric_history(run_id, "train_loss")] == [0]  # epochs: step = epoch
+    again.close()
+
+
+def test_system_metrics_land_under_the_node(tmp_path):
+    cfg, run_id = _run(tmp_path, system_metrics_s=0.2)
+    monitor = tracking.start_system_metrics(cfg, run_id, "node0", "here 127.0.0.1")
+    time.sleep(1.5)
+    monitor.finish()
+    run = tracking.client(cfg.tracking.uri).get_run(run_id)
+    keys = set(run.data.metrics)
+    assert {"system/node0/cpu_utilization_percentage", "system/node0/system_memory_usage_megabytes"} <= keys
+    assert run.data.tags[f"{tracking.NODE_TAG}.node0"] == "here 127.0.0.1"
+    off, run_id = _run(tmp_path / "off", system_metrics_s=0)
+    assert tracking.start_system_metrics(off, run_id, "node0", "here") is None
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run.progress_s=-1"], ["run.progress_s", "0 (off)"]),
+    (["tracking.step_every=-5"], ["tracking.step_every"]),
+    (["tracking.system_metrics_s=-1"], ["tracking.system_metrics_s"]),
+    (["tracking.register=resnets", "tracking.log_model=false"], ["tracking.register=resnets", "log_model"]),
+])
+def test_bad_watch_keys_name_the_key(args, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_step_every_defaults_to_a_few_dozen_points_an_epoch():
+    from raysnet.train.progress import step_every
+
+    assert step_every(load_config([]), 390) == 13  # CIFAR-10 at batch 128: 30 points an epoch
+    assert step_every(load_config([]), 11) == 1
+    assert step_every(load_config(["tracking.step_every=50"]), 390) == 50
+    assert step_every(load_config(["tracking.step_every=0"]), 390) == 0
+
+
+def test_sweep_trials_are_listed_like_the_papers_tables():
+    from raysnet.tune.spec import trial_title
+
+    assert trial_title(load_config(["arch=plain56"]), {"arch": "plain56"}) == "plain56-A-seed0"
+    cfg = load_config(["arch=resnet34", "model.shortcut=C", "run.seed=2", "optim.lr=0.05"])
+    assert trial_title(cfg, {"arch": "resnet34", "model.shortcut": "C", "optim.lr": 0.05}) == "resnet34-C-seed2-lr0.05"
