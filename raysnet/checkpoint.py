@@ -26,7 +26,7 @@ from torch import nn
 
 from raysnet.config import Config, from_dict, to_dict
 from raysnet.errors import UsageError
-from raysnet.models import build_model
+from raysnet.models import build_model, get_arch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -143,29 +143,65 @@ class Loaded:
     raw: dict  # the file's contents
 
 
-def load_model(path: str | Path, arch: str | None = None) -> Loaded:
-    """The model in a raysnet checkpoint (config inside), or in a torchvision state dict (`arch`
-    names it; loaded into the v1.5/B variant, whose parameter names match torchvision's)."""
+SHOW_KEYS = 6  # a failed load names this many keys of each kind
+
+
+def misfit(model: nn.Module, state: dict) -> str:
+    """Why `state` does not load into `model` strictly: its missing and unexpected keys and shape
+    mismatches, each list capped at SHOW_KEYS; '' when it fits. A missing BN `num_batches_tracked`
+    is not counted (testing never reads it, and many published state dicts lack it)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in own
+              if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)):
+        if keys:
+            more = f", and {len(keys) - SHOW_KEYS} more" if len(keys) > SHOW_KEYS else ""
+            parts.append(f"{len(keys)} key(s) {what}: {', '.join(keys[:SHOW_KEYS])}{more}")
+    return "; ".join(parts)
+
+
+def _plain_state(raw: dict) -> dict | None:
+    """A ResNet state dict as published: itself, or under "state_dict"/"model", keys perhaps
+    prefixed "module." (DataParallel) -> keys as raysnet's; None if it is not one."""
+    state = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        return None
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state if "fc.weight" in state else None
+
+
+def load_model(path: str | Path, arch: str | None = None, shortcut: str | None = None,
+               variant: str | None = None) -> Loaded:
+    """The model in a raysnet checkpoint (config inside), or in a plain state dict with raysnet's
+    parameter names (`arch` names it; `shortcut`/`variant` default to torchvision's B and v1.5 for
+    the ImageNet depths, whose names match torchvision's, and to the paper's A and v1 for CIFAR's)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"checkpoint '{path}' is not a file; pass checkpoint=PATH to a raysnet "
                          "checkpoint.pt or a torchvision state dict (with arch=...).")
     raw = _read(p)
+    hint = ""
     if isinstance(raw, dict) and "model" in raw and "config" in raw:
         cfg, state = from_dict(raw["config"]), raw["model"]
-        arch = cfg.arch
-        model = build_model(arch, num_classes=state["fc.weight"].shape[0], shortcut=cfg.model.shortcut,
-                            variant=cfg.model.variant)
-    elif isinstance(raw, dict) and "fc.weight" in raw:
+        arch, shortcut, variant = cfg.arch, cfg.model.shortcut, cfg.model.variant
+    elif (state := _plain_state(raw)) is not None:
         if not arch:
             raise UsageError(f"'{p}' is a plain state dict; name its architecture with arch=resnet50 (etc.).")
-        cfg, state = None, raw
-        model = build_model(arch, num_classes=state["fc.weight"].shape[0], shortcut="B", variant="v1.5")
+        cfg, imagenet = None, get_arch(arch).family == "imagenet"
+        shortcut, variant = shortcut or ("B" if imagenet else "A"), variant or ("v1.5" if imagenet else "v1")
+        hint = (" A plain state dict needs raysnet's parameter names (torchvision's: conv1, bn1, layerN.M.convK, "
+                "downsample.0/1, fc) and the network's options: shortcut=A|B|C, variant=v1|v1.5.")
     else:
-        raise UsageError(f"'{p}' is neither a raysnet checkpoint nor a ResNet state dict.")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UsageError(f"the weights in '{p}' do not fit {arch}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"'{p}' is neither a raysnet checkpoint nor a ResNet state dict (no fc.weight).")
+    model = build_model(arch, num_classes=state["fc.weight"].shape[0], shortcut=shortcut, variant=variant)
+    why = misfit(model, state)
+    if why:
+        raise UsageError(f"the weights in '{p}' do not fit {arch} (shortcut {shortcut or 'default'}, variant "
+                         f"{variant or 'v1'}): {why}.{hint}")
+    model.load_state_dict(state, strict=False)  # strict but for num_batches_tracked (misfit)
     run_id = raw.get("mlflow_run_id") if cfg is not None else None
     return Loaded(model.eval(), cfg, run_id or None, raw)

@@ -2,36 +2,148 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from clitools import command, one_paragraph, run_cli
+from PIL import Image
 from torch import nn
 
-from raysnet.config import load_config
-from raysnet.evaluate import EvalConfig, load_for_testing, predict, views
+from raysnet.checkpoint import SHOW_KEYS, load_model
+from raysnet.config import ConfigError, load_config
+from raysnet.data.sources import digits_arrays
+from raysnet.errors import UsageError
+from raysnet.evaluate import EvalConfig, WholeImages, load_for_testing, normalisation, predict, predictions, views
+from raysnet.models import build_model
+
+# Corner patches of a test image, one colour each, and its centre: the views must find them.
+TL, TR, BL, BR, MID, GREY = (250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 250), (250, 250, 0), (90, 90, 90)
 
 
-def test_ten_crop_and_multiscale_views():
-    images = torch.randn(2, 3, 256, 256)
-    ten = views(images, "10crop", 224, ())
-    assert len(ten) == 10 and all(v.shape == (2, 3, 224, 224) for v in ten)
-    assert torch.equal(ten[4], images[:, :, 16:240, 16:240])  # the centre
-    assert torch.equal(ten[5], ten[1].flip(-1))  # the flipped image's top-left is the top-right, mirrored
-    multi = views(images, "multiscale", 224, (224, 256, 384, 480, 640))
-    assert [v.shape[-1] for v in multi] == [224, 256, 384, 480, 640]
-    assert views(images, "single", 224, ()) == [images]
+def cornered(h: int, w: int, patch: int) -> np.ndarray:
+    """A grey H x W x 3 uint8 image whose corners (patch x patch) and centre have distinct colours."""
+    image = np.full((h, w, 3), GREY, dtype=np.uint8)
+    image[:patch, :patch], image[:patch, -patch:], image[-patch:, :patch], image[-patch:, -patch:] = TL, TR, BL, BR
+    image[h // 2 - patch // 2:h // 2 + patch // 2, w // 2 - patch // 2:w // 2 + patch // 2] = MID
+    return image
+
+
+def chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1).float()
+
+
+def colour(view: torch.Tensor, y: int, x: int) -> tuple[int, ...]:
+    return tuple(round(c) for c in view[:, y, x].tolist())
+
+
+@pytest.mark.parametrize("h, w", [(300, 400), (400, 300)])  # landscape and portrait 4:3
+def test_ten_crop_views_come_from_the_whole_resized_rectangle(h, w):
+    ten = views(chw(cornered(h, w, 40)), "10crop", 224, (), resize=256)
+    assert len(ten) == 10 and all(v.shape == (3, 224, 224) for v in ten)
+    # five_crop's order: top-left, top-right, bottom-left, bottom-right, centre; each touches its
+    # corner of the image resized to shorter side 256 (a centre square would miss the corners).
+    assert [colour(ten[0], 0, 0), colour(ten[1], 0, -1), colour(ten[2], -1, 0), colour(ten[3], -1, -1)] == \
+        [TL, TR, BL, BR]
+    assert colour(ten[4], 112, 112) == MID
+    assert torch.equal(ten[5], ten[1].flip(-1))  # the mirror image's top-left is the top-right, mirrored
+    assert colour(ten[5], 0, 0) == TR
+
+
+@pytest.mark.parametrize("h, w", [(300, 400), (450, 200)])
+def test_multiscale_views_are_the_whole_image_at_each_shorter_side(h, w):
+    multi = views(chw(cornered(h, w, 60)), "multiscale", 224, (224, 256, 640))
+    for view, side in zip(multi, (224, 256, 640)):
+        assert min(view.shape[1:]) == side and abs(view.shape[2] / view.shape[1] - w / h) < 0.01
+        assert [colour(view, 0, 0), colour(view, 0, -1), colour(view, -1, 0), colour(view, -1, -1)] == \
+            [TL, TR, BL, BR]
+    image = torch.rand(3, 32, 32)
+    assert views(image, "single", 32, ()) == [image]
 
 
 def test_modes_agree_on_a_crop_and_flip_invariant_model():
     # Global average pooling of a constant image is the same for every crop, flip and scale.
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5)).eval()
-    images = torch.rand(4, 3, 1, 1).expand(4, 3, 256, 256).contiguous()
+    images = [torch.rand(3, 1, 1).expand(3, h, w).contiguous() for h, w in ((256, 300), (300, 256), (260, 260))]
     single = predict(model, images, "single", 224, ())
     for mode in ("10crop", "multiscale"):
-        assert torch.allclose(predict(model, images, mode, 224, (224, 256, 384)), single, atol=1e-6)
+        assert torch.allclose(predict(model, images, mode, 224, (224, 256, 384), resize=256), single, atol=1e-6)
+
+
+class Probe(nn.Module):
+    """Records the shape of every batch it sees; predicts nothing in particular."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return torch.zeros(x.shape[0], 2)
+
+
+def test_whole_validation_images_are_stored_read_and_batched_by_size(tmp_path):
+    from raysnet.data.prepare import prepare
+    from raysnet.prepare import parse_args
+
+    src, sizes = tmp_path / "src", [(120, 160), (90, 120), (160, 120), (700, 900)]  # (h, w): 4:3, 3:4, big
+    for split in ("train", "val"):
+        for k, (h, w) in enumerate(sizes):
+            (src / split / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(cornered(h, w, max(16, h // 5))).save(src / split / f"c{k % 2}" / f"{k}.png")
+    meta = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={tmp_path / 'ds'}", "progress=false",
+                               "workers=1", "max_resolution=128"]))
+    assert meta["splits"]["val"]["short_side"] == 640 and len(meta["pca"]["eigval"]) == 3
+    whole = WholeImages(tmp_path / "ds" / "val.beton")
+    # Stored as JPEG, whole: every aspect ratio kept, the shorter side capped at 640, not at max_resolution.
+    stored = {whole[i][0].shape[:2] for i in range(len(whole))}
+    assert stored == {(120, 160), (90, 120), (160, 120), (640, 823)}
+    for i in range(len(whole)):
+        image = whole[i][0].astype(int)
+        for (y, x), expected in (((0, 0), TL), ((0, -1), TR), ((-1, 0), BL), ((-1, -1), BR)):
+            assert np.abs(image[y, x] - expected).max() <= 12, (image.shape, y, x)
+    data = load_config(["data=imagefolder", f"data.root={tmp_path / 'ds'}"]).data
+    probe = Probe()
+    ecfg = EvalConfig(scales=(224, 256), batch_size=4)
+    assert sum(len(labels) for _, labels in predictions(probe, data, meta, "multiscale", ecfg)) == 4
+    # One batch per view size: 4:3 images share theirs (the two landscape ones), 3:4 theirs.
+    assert sorted(probe.shapes) == sorted([(2, 3, 224, 299), (1, 3, 299, 224), (1, 3, 224, 288),
+                                           (2, 3, 256, 341), (1, 3, 341, 256), (1, 3, 256, 329)])
+    probe.shapes.clear()
+    list(predictions(probe, data, meta, "10crop", ecfg))
+    assert probe.shapes == [(4, 3, 224, 224)] * 10  # 40 crops of one size, in batches of 4
+
+
+def test_an_outside_state_dict_with_its_own_normalisation_predicts_as_in_pytorch(tmp_path, digits):
+    torch.manual_seed(0)
+    reference = build_model("resnet20", num_classes=10, shortcut="A", variant="v1")
+    for m in reference.modules():  # BN statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    reference.eval()
+    # As published elsewhere: wrapped by DataParallel ("module."), without BN's num_batches_tracked.
+    state = {f"module.{k}": v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": state}, tmp_path / "outside.pt")
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # the model's (0-1 scale), not the dataset's
+    ecfg = EvalConfig(checkpoint=str(tmp_path / "outside.pt"), arch="resnet20", mean=mean, std=std, batch_size=32,
+                      max_batches=2)
+    model, cfg, _ = load_for_testing(ecfg, ["data=digits", f"data.root={digits}"])
+    meta = json.loads((Path(digits) / "meta.json").read_text())
+    got = torch.cat([p for p, _ in predictions(model, cfg.data, meta, "single", ecfg)])
+
+    _, (images, _) = digits_arrays()  # the validation images, in the prepared order
+    x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference(x).softmax(1)
+    assert torch.allclose(got, expected, atol=1e-4) and torch.equal(got.argmax(1), expected.argmax(1))
+    assert normalisation(meta, mean, std) == normalisation(meta, tuple(255 * m for m in mean),
+                                                           tuple(255 * s for s in std))
+    with pytest.raises(ConfigError, match="three values"):
+        normalisation(meta, (0.5, 0.5), (0.2, 0.2))
 
 
 def test_a_torchvision_state_dict_evaluates_as_the_v15_b_variant(tmp_path):
@@ -41,6 +153,23 @@ def test_a_torchvision_state_dict_evaluates_as_the_v15_b_variant(tmp_path):
     model, cfg, _ = load_for_testing(EvalConfig(checkpoint=str(path), arch="resnet18"), ["data=digits"])
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def test_a_failed_load_lists_the_keys_and_shapes_that_do_not_fit(tmp_path):
+    state = build_model("resnet20", shortcut="A").state_dict()
+    state["conv1.weight"] = torch.zeros(16, 1, 3, 3)
+    state["head.bias"] = torch.zeros(10)
+    torch.save(state, tmp_path / "a.pt")
+    with pytest.raises(UsageError) as e:  # option B has projection shortcuts this file lacks
+        load_model(tmp_path / "a.pt", "resnet20", shortcut="B")
+    msg = str(e.value)
+    assert "\n" not in msg and "(shortcut B, variant v1)" in msg
+    # Two projections (layer2.0, layer3.0), each a conv weight and BN weight, bias, mean, var: 10 keys, capped.
+    assert "10 key(s) missing: layer2.0.downsample.0.weight, layer2.0.downsample.1.weight" in msg
+    assert f"and {10 - SHOW_KEYS} more" in msg and "layer3.0.downsample.1.bias" not in msg
+    assert "1 key(s) unexpected: head.bias" in msg
+    assert "conv1.weight (16, 1, 3, 3) in the file, (16, 3, 3, 3) in the model" in msg
+    assert "shortcut=A|B|C" in msg
 
 
 @pytest.fixture(scope="module")

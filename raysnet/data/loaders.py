@@ -27,7 +27,7 @@ from ffcv.traversal_order import QuasiRandom
 
 from raysnet.config import DataConfig
 from raysnet.data.dataset import dataset_dir
-from raysnet.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, ColourJitter, PadRandomCrop, PCALighting,
+from raysnet.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, ColourJitter, PCALighting, PadRandomCrop,
                                      RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize)
 from raysnet.data.writer import BETON
 from raysnet.errors import UsageError
