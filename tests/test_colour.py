@@ -73,3 +73,31 @@ def test_the_old_key_says_what_replaced_it():
     old = to_dict(load_config([]))
     old["data"] = {k: v for k, v in old["data"].items() if k not in ("pca_lighting", "colour_jitter")} | {"colour": True}
     assert (from_dict(old).data.colour_jitter, from_dict(old).data.pca_lighting) == (0.4, 0.0)
+
+
+def test_prepare_records_the_training_pixels_principal_components(tmp_path):
+    from PIL import Image
+
+    from raysnet.data.sources import from_arrays, imagefolder
+
+    rng = np.random.default_rng(1)
+    # Correlated channels, so the components are not the axes: green follows red, blue is its own.
+    base = rng.integers(0, 200, (6, 10, 12, 1))
+    images = np.concatenate([base, base + rng.integers(0, 40, base.shape), rng.integers(0, 256, base.shape)],
+                            axis=3).astype(np.uint8)
+    pixels = images.reshape(-1, 3) / 255.0
+    values, vectors = np.linalg.eigh(np.cov(pixels.T, bias=True))
+
+    def check(pca: dict) -> None:
+        assert np.allclose(pca["eigval"], values[::-1], rtol=1e-4)
+        columns = np.asarray(pca["eigvec"])
+        for i in range(3):  # each eigenvector (a column, largest first) up to its sign
+            assert abs(abs(columns[:, i] @ vectors[:, 2 - i]) - 1) < 1e-4
+
+    labels = np.zeros(len(images), dtype=np.int64)
+    check(from_arrays("t", ["a"], (images, labels), (images[:1], labels[:1])).pca)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp_path / split / "a" / f"{i}.png")
+    check(imagefolder(tmp_path, workers=1, max_resolution=None, progress=False).pca)
