@@ -10,6 +10,12 @@ if command -v apt-get >/dev/null && ! pkg-config --exists libturbojpeg opencv4 2
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pkg-config libturbojpeg0-dev libopencv-dev >/dev/null
 fi
+# The test extra also drives a headless Chromium through the MLflow UI (tests/test_train.py).
+if [ "${1:-}" = test ] && command -v apt-get >/dev/null && ! command -v chromedriver >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 
 python=$(command -v python || command -v python3)
 "$python" -m pip install -q -e ".${1:+[$1]}"

@@ -43,6 +43,7 @@ STEP_POINTS = 30  # tracking.step_every=null: about this many points per epoch
 # (the UI's value for it; GenAI experiments open on traces).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW = "workflowType=machine_learning"
 NODE_TAG = "raysnet.node"  # raysnet.node.node<i>: which machine system/node<i>/... was measured on
 
 
@@ -72,8 +73,10 @@ def check_reachable(uri: str) -> None:
 
 
 def ui_url(base: str, experiment: str | None = None) -> str:
-    """The MLflow UI at `base` on an experiment's runs table (the experiments list without one)."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs" if experiment else base
+    """The MLflow UI at `base` on an experiment's runs table (the experiments list without one). The
+    UI's workflow switch (GenAI / model training) is a browser setting that starts on GenAI; the
+    query sets it to model training."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs?{UI_WORKFLOW}" if experiment else base
 
 
 def ui_command(uri: str, experiment: str | None = None) -> str:

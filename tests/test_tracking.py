@@ -29,8 +29,10 @@ def test_experiments_raysnet_creates_open_on_the_runs_table(tmp_path):
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     command = tracking.ui_command(cfg.tracking.uri, exp.experiment_id)
     assert command.startswith(f"mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1")
-    assert command.endswith(f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs")
-    assert tracking.ui_command("http://h:5000", "7") == "open http://h:5000/#/experiments/7/runs in a browser"
+    assert command.endswith(f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?"
+                            "workflowType=machine_learning")
+    assert tracking.ui_command("http://h:5000", "7") == \
+        "open http://h:5000/#/experiments/7/runs?workflowType=machine_learning in a browser"
 
 
 def test_step_points_land_once_across_a_restart(tmp_path):

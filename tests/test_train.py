@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -39,14 +40,37 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.e2e
-def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits):
+def step_points(uri: str, run_name: str, epochs: int, experiment: str = "raysnet-digits") -> tuple[list, list]:
+    """(the global steps MLflow holds for iter/train_loss, the steps it should hold: every
+    tracking.step_every steps of each epoch and each epoch's last, numbered from the run's start)."""
+    from raysnet import tracking
+    from raysnet.train.progress import step_every
+
+    mlflow = tracking.client(uri)
+    run = tracking.find_run(mlflow, experiment, tracking.RUN_NAME_TAG, run_name)
+    steps = int(run.data.params[tracking.STEPS_PARAM])
+    every = step_every(load_config([]), steps)
+    expected = [e * steps + s for e in range(epochs) for s in range(1, steps + 1) if s % every == 0 or s == steps]
+    got = sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, tracking.STEP_METRICS[0]))
+    return got, expected
+
+
+@pytest.fixture(scope="module")
+def recorded(ray_local, tmp_path_factory, digits):
+    """One finished 3-epoch run with everything on: its model registered, system metrics every second.
+    -> (run.storage, tracking uri)"""
     from raysnet.lifecycle import run_one
 
+    tmp_path = tmp_path_factory.mktemp("recorded")
     cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
-                       "tracking.log_model=true"])
+                       "tracking.log_model=true", "tracking.register=digits-e2e", "tracking.system_metrics_s=1"])
     assert run_one(cfg) == 0
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.e2e
+def test_trains_and_records_in_sqlite(recorded):
+    tmp_path, uri = recorded
     h = history(uri, "e2e")
     assert [s for s, _ in h["train_err"]] == [0, 1, 2]  # MLflow step = epoch index, each once
     assert all(len(v) == 3 for v in h.values())
@@ -68,6 +92,78 @@ def test_trains_and_records_in_sqlite(ray_local, tmp_path, digits):
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["run.name"] == "e2e"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint"} <= artifacts
+    # Issue 15: step-level curves against global iterations, each step once; the epochs' stay at step = epoch.
+    got, expected = step_points(uri, "e2e", 3)
+    assert got == expected
+    # System metrics of the one node that hosts both workers: one series per metric.
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {k.split("/")[1] for k in system} == {"node0"}, system
+    assert {"system/node0/cpu_utilization_percentage", "system/node0/system_memory_usage_megabytes"} <= system
+    assert len(client.get_metric_history(run.info.run_id, "system/node0/cpu_utilization_percentage")) >= 2
+    assert client.get_experiment_by_name("raysnet-digits").tags["mlflow.experimentKind"] == "custom_model_development"
+    version = client.get_model_version("digits-e2e", "1")
+    assert version.run_id == run.info.run_id
+    assert f"val_err {run.data.metrics['val_err']:.2f}%" in version.description
+
+
+def _browser():
+    """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver: install.sh test)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium") or shutil.which("google-chrome"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("no chromium and chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1200"):
+        options.add_argument(arg)
+    options.binary_location = browser
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+@pytest.mark.e2e
+def test_the_mlflow_ui_shows_the_runs_charts_and_system_metrics(recorded):
+    """The UI command raysnet prints opens on the runs table; the run's pages draw its metric charts
+    (per epoch and per iteration) and its node's system metrics."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from raysnet import tracking
+
+    storage, uri = recorded
+    mlflow = tracking.client(uri)
+    run = tracking.find_run(mlflow, "raysnet-digits", tracking.RUN_NAME_TAG, "e2e")
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                           "--port", str(port), "--workers", "1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    browser = None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_up(base + "/health", 120)
+        browser = _browser()
+        wait = WebDriverWait(browser, 120, poll_frequency=1)
+
+        def shows(*words: str, charts: int = 0):
+            return lambda b: all(w in b.find_element("tag name", "body").text for w in words) and \
+                len(b.find_elements("css selector", ".js-plotly-plot")) >= charts
+
+        browser.get(tracking.ui_url(base, run.info.experiment_id))
+        wait.until(shows("Run Name", "e2e"))  # the runs table, not the GenAI overview
+        assert "/runs" in browser.current_url
+        # On to the run's tabs inside the page (a new load would parse the UI's scripts again).
+        page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        browser.execute_script(f"window.location.hash = '{page}/model-metrics'")
+        # The charts are drawn as they scroll into view: those of the first rows.
+        wait.until(shows("iter/train_loss", "iter/train_err", "Model metrics", charts=4))
+        browser.execute_script(f"window.location.hash = '{page}/system-metrics'")
+        wait.until(shows("system/node0/cpu_utilization_percentage", charts=2))
+    finally:
+        if browser is not None:
+            browser.quit()
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(30)
 
 
 @pytest.mark.e2e
@@ -146,6 +242,8 @@ def test_survives_a_killed_worker(ray_local, tmp_path, digits):
     assert result.get("rc") == 0
     h = history(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft")
     assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
+    got, expected = step_points(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", 4)
+    assert got == expected  # the steps trained again after the restart are not logged twice
 
 
 def listening_sockets(pid: int) -> dict[str, set[str]]:
@@ -175,13 +273,65 @@ def loopback(ip: str) -> bool:
     return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
+# Rank 0's progress line (raysnet.train.progress): where the epoch is, and the two ETAs.
+PROGRESS = re.compile(r"raysnet: epoch (\d+)/\d+ step \d+/\d+ at ([\d.]+) s: .*epoch ETA (.+), run ETA (.+)$")
+
+
+def seconds(text: str) -> float:
+    """An ETA as raysnet prints it (12 s, 4 min 05 s, 3 h 12 min, 2 d 04 h) -> seconds."""
+    units = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+    parts = text.split()
+    return sum(float(n) * units[u] for n, u in zip(parts[::2], parts[1::2]))
+
+
+class TimedLines:
+    """A process's output, read as it comes, each line with the time it arrived."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def popen(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def check_cadence(lines: list[tuple[float, str]], every: float) -> None:
+    """Progress lines come within the first epoch, `every` seconds apart (plus at most a few steps)."""
+    first = [m for _, line in lines if (m := PROGRESS.search(line)) and m[1] == "1"]
+    assert len(first) >= 2, "\n".join(line for _, line in lines)
+    at = [float(m[2]) for m in first]
+    assert all(every - 0.05 <= b - a <= every + 3 for a, b in zip(at, at[1:])), at
+
+
+def check_etas(lines: list[tuple[float, str]], epochs: int) -> None:
+    """On a steady run (after the process's first epoch), each run ETA is within a factor of two
+    of the time the run really took from there to its last epoch."""
+    end = next(t for t, line in lines if f"epoch {epochs}/{epochs}:" in line)
+    progress = [(t, m) for t, line in lines if (m := PROGRESS.search(line))]
+    steady = [(t, m) for t, m in progress if int(m[1]) > int(progress[0][1][1]) and end - t >= 3]
+    ratios = [seconds(m[4]) / (end - t) for t, m in steady]
+    assert ratios and all(0.5 <= r <= 2 for r in ratios), [(m[0], round(end - t, 1)) for t, m in steady]
+
+
 @pytest.mark.e2e
 def test_resumes_after_the_driver_is_killed(tmp_path, digits):
-    """Also: while it trains, every socket of the local run listens on loopback only (issue 13)."""
-    args = [*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=again", "epochs=4"]
+    """Also: while it trains, every socket of the local run listens on loopback only (issue 13); the
+    progress lines come at their cadence within the first epoch, with ETAs that hold, and the
+    console of the rerun (the quickstart's command, resuming) has no line that says "error" (issue 15)."""
+    args = [*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=again", "epochs=4", "run.progress_s=1"]
     env = {**os.environ, "RAY_TMPDIR": "/tmp"}
-    driver = subprocess.Popen([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = popen(args, env)
+    first = TimedLines(driver)
     try:
         deadline = time.time() + 300
         while not list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt")) and time.time() < deadline:
@@ -193,11 +343,19 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
         driver.wait(30)
     assert any("RayTrainWorker" in name for name in sockets), sockets  # the workers, with the store and Gloo
     assert all(loopback(ip) for ips in sockets.values() for ip in ips), sockets
-    out = cli(*args)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming" in out.stdout
+    first.thread.join(30)
+    check_cadence(first.lines, every=1)
+    rerun = popen(args, env)
+    out = TimedLines(rerun)
+    assert rerun.wait(600) == 0, out.text()[-3000:]
+    out.thread.join(30)
+    assert "resuming" in out.text()
+    assert not [line for _, line in first.lines + out.lines if "error" in line.lower()], out.text()
+    check_etas(out.lines, epochs=4)
     h = history(f"sqlite:///{tmp_path / 'mlflow.db'}", "again")
     assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
+    got, expected = step_points(f"sqlite:///{tmp_path / 'mlflow.db'}", "again", 4)
+    assert got == expected
 
 
 @pytest.mark.e2e

@@ -164,7 +164,8 @@ class Watch:
             e.bar.set_description(f"epoch {e.index + 1}/{self.cfg.epochs} loss {loss:.3f} err {err:.2f}% "
                                   f"{images:.0f} images/s, run ETA {duration(run_eta)}")
             return
-        say(f"epoch {e.index + 1}/{self.cfg.epochs} step {e.done}/{self.steps}: loss {loss:.3f} err {err:.2f}% "
+        say(f"epoch {e.index + 1}/{self.cfg.epochs} step {e.done}/{self.steps} at {now - e.start:.1f} s: "
+            f"loss {loss:.3f} err {err:.2f}% "
             f"(rank 0, running) | {images:.0f} images/s | epoch ETA {duration(epoch_eta)}, "
             f"run ETA {duration(run_eta)}")
 
