@@ -53,6 +53,11 @@ def test_lighting_uses_the_datasets_components_else_imagenets():
 
 
 def test_the_recipes_say_which_is_on():
+    from raysnet.config import RECIPES
+
+    # The dataset recipe of recipe=imagenet-paper spells out both switches.
+    lines = (RECIPES / "data" / "imagenet.yaml").read_text().splitlines()
+    assert "pca_lighting: 0.1" in lines and "colour_jitter: 0.0" in lines
     paper = load_config(["recipe=imagenet-paper"]).data  # AlexNet's lighting, as the paper cites it
     assert (paper.pca_lighting, paper.colour_jitter) == (0.1, 0.0)
     fast = load_config(["recipe=imagenet-fast"]).data
