@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,16 @@ def test_evaluate_rejects_bad_input_clearly(capsys, tmp_path, checkpoint):
 def test_the_evaluate_command_line_itself():
     """`python -m raysnet.evaluate` as typed (the tests above call its entry point in this process)."""
     assert "unknown key 'optim.lr'" in one_paragraph(command("raysnet.evaluate", "checkpoint=/nope.pt", "optim.lr=1"))
+
+
+def test_a_dataset_prepared_before_whole_validation_images_is_evaluated_with_a_warning():
+    from raysnet.evaluate import _stored_whole
+
+    size = {"height": {"min": 100, "max": 512}, "width": {"min": 120, "max": 512}}
+    old = {"splits": {"val": {"image_size": size}}, "write": {"max_resolution": 512}}
+    with pytest.warns(UserWarning, match="Prepare it again"):
+        _stored_whole({**old, "splits": {"val": {"image_size": {**size, "width": {"min": 120, "max": 900}}}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _stored_whole(old)  # nothing was capped
+        _stored_whole({**old, "splits": {"val": {"image_size": size, "short_side": 640}}})  # stored whole
