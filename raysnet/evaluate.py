@@ -176,9 +176,13 @@ def whole_image_batches(data: DataConfig, norm: tuple[list[float], list[float]],
     mean = torch.tensor(norm[0], dtype=torch.float32, device=device).view(3, 1, 1)
     std = torch.tensor(norm[1], dtype=torch.float32, device=device).view(3, 1, 1).clamp(min=1e-3)
     order = images.by_aspect(n)
+    chunks = [order[start:start + batch_size].tolist() for start in range(0, n, batch_size)]
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        for start in range(0, n, batch_size):
-            decoded = list(pool.map(images.__getitem__, order[start:start + batch_size].tolist()))
+        ahead = pool.map(images.__getitem__, chunks[0]) if chunks else iter(())
+        for k in range(len(chunks)):
+            decoded = list(ahead)
+            if k + 1 < len(chunks):  # the next batch decodes while the network runs on this one
+                ahead = pool.map(images.__getitem__, chunks[k + 1])
             batch = [(torch.from_numpy(im).to(device).permute(2, 0, 1).float() - mean) / std for im, _ in decoded]
             yield batch, torch.tensor([label for _, label in decoded])
 
