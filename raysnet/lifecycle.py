@@ -226,21 +226,37 @@ def connect_ray(cpus: int):
     return ray
 
 
+# The line the driver prints after each epoch (`_epoch_printer`): a terminal's bar of that epoch ends there.
+EPOCH_LINE = re.compile(r"epoch \d+/\d+: train_err")
+
+
 def quiet_ray_logs() -> None:
-    """Leave HARMLESS_RAY_LINES out of the worker output Ray prints in this driver (once per ray.init)."""
+    """Print the output Ray forwards to this driver without HARMLESS_RAY_LINES, and on a terminal
+    with rank 0's progress lines drawn as a tqdm bar (once per ray.init)."""
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from raysnet.train.progress import Bars
 
     handlers = dict(dispatcher.handlers)
     printer = handlers.get("ray_print_logs")  # absent with log_to_driver=False
     if printer is None or getattr(printer, "raysnet", False):
         return
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    bars = Bars() if sys.stdout.isatty() else None
 
     def print_logs(data: dict) -> None:
         lines = [line for line in data.get("lines", []) if not any(p.search(line) for p in HARMLESS_RAY_LINES)]
+        if bars is not None:
+            lines = [line for line in lines if not bars.take(line)]
+            if any(EPOCH_LINE.search(line) for line in lines):
+                bars.close()
+            elif lines:
+                bars.clear()
         if lines:
             ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+        if bars is not None:
+            bars.refresh()
 
     print_logs.raysnet = True
     dispatcher.remove_handler("ray_print_logs")
@@ -306,8 +322,8 @@ def _epoch_printer(epochs: int):
 
 
 def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: list):
-    """The `TorchTrainer` of one run. Rank 0 shows its progress as a tqdm bar when this driver's
-    stdout is a terminal (Ray draws the workers' bars here), else as lines."""
+    """The `TorchTrainer` of one run. Rank 0's progress lines become a tqdm bar when this driver's
+    stdout is a terminal (`quiet_ray_logs` draws it; they come more often then), else stay lines."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -143,3 +143,18 @@ def test_progress_lines_say_where_the_epoch_and_the_run_are(capsys):
     assert epoch_left == 6 and run_left == 6 + 2 * 10  # no whole epoch yet: the next ones as long as this one's steps
     assert [duration(s) for s in (5, 65, 3 * 3600 + 120, 2 * 86400 + 4 * 3600)] == ["5 s", "1 min 05 s", "3 h 02 min",
                                                                                     "2 d 04 h"]
+
+
+def test_a_terminal_driver_turns_progress_lines_into_a_bar(capsys):
+    """On a terminal the driver draws rank 0's lines, as Ray forwards them, as one tqdm bar per epoch."""
+    from raysnet.train.progress import Bars
+
+    bars = Bars()
+    line = "(RayTrainWorker pid=7) raysnet: epoch 2/3 step {}/22 at 5.6 s: loss 2.460 err 85.76% (rank 0, running) " \
+           "| 214 images/s | epoch ETA 4 s, run ETA 17 s"
+    assert bars.take(line.format(9)) and bars.bar.n == 9 and bars.epoch == (2, 3)
+    assert bars.take(line.format(17)) and bars.bar.n == 17
+    assert "run ETA 17 s" in bars.bar.postfix and "epoch ETA" not in bars.bar.postfix
+    assert not bars.take("(TrainController pid=8) epoch 2/3: train_err 4.00%  val_err 3.00%")
+    bars.close()
+    assert bars.bar is None

@@ -1,10 +1,10 @@
-"""What rank 0 shows while an epoch runs (issue 15): progress lines or a bar, and the step-level
-points MLflow records.
+"""What rank 0 shows while an epoch runs (issue 15): progress lines, drawn as a tqdm bar by a
+driver whose stdout is a terminal (`Bars`), and the step-level points MLflow records.
 
 The training step never waits for the device. A step costs the watch a clock read and, every
 tracking.step_every steps, a device-side copy of the epoch's running sums (EpochStats.sums). Every
 run.progress_s seconds, and at the epoch's end, those copies and the current sums come to the host
-together (one transfer) to print a line, move the bar and queue the step points for MLflow.
+together (one transfer) to print a line and queue the step points for MLflow.
 
 Loss, error and images/s come from rank 0's own batches (its shard of every global batch, scaled by
 the world size for images/s); the epoch's numbers for the tables stay the all-reduced ones.
@@ -12,6 +12,7 @@ the world size for images/s); the epoch's numbers for the tables stay the all-re
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 Mode = Literal["bar", "lines", "off"]
 FLUSH_S = 30.0  # with run.progress_s=0 the step points still reach MLflow this often
+BAR_S = 2.0  # a bar moves at least this often (its lines never reach the screen)
+# A progress line as `Watch` prints it and `Bars` reads it.
+LINE = re.compile(r"raysnet: epoch (\d+)/(\d+) step (\d+)/(\d+) at [\d.]+ s: (.*)$")
 
 
 def step_every(cfg: Config, steps: int) -> int:
@@ -68,7 +72,6 @@ class Epoch:
     snaps: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)  # (global step, lr, sums)
     logged: list[float] = field(default_factory=lambda: [0.0] * 4)  # the sums at the last point
     ended: float = 0.0  # when its last step finished
-    bar: object | None = None
 
 
 class Watch:
@@ -78,7 +81,7 @@ class Watch:
         self.cfg, self.steps, self.world, self.tracker = cfg, steps, world, tracker
         self.mode: Mode = mode if cfg.run.progress_s > 0 else "off"
         self.every = step_every(cfg, steps)
-        self.interval = cfg.run.progress_s if self.mode != "off" else FLUSH_S
+        self.interval = {"off": FLUSH_S, "lines": cfg.run.progress_s, "bar": min(cfg.run.progress_s, BAR_S)}[self.mode]
         self.batch = cfg.batch_size // world  # each worker's share of the global batch
         self.walls: list[float] = []  # whole epochs of this process: start to the next start
         self.tails: list[float] = []  # of those, the time after the last step (validation, checkpoint)
@@ -91,10 +94,6 @@ class Watch:
             self.walls.append(now - self.now.start)
             self.tails.append(now - self.now.ended)
         self.now = Epoch(index=epoch, start=now, due=now + self.interval)
-        if self.mode == "bar":
-            from ray.experimental.tqdm_ray import tqdm
-
-            self.now.bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step")
         if not self.walls and self.mode != "off":  # this process's first epoch
             what = "FFCV compiles its loader pipeline" + (", torch.compile the model" if self.cfg.model.compile else "")
             say(f"epoch {epoch + 1}: the first step ({what}) ...")
@@ -112,8 +111,6 @@ class Watch:
                 self.steps_start = None
         if self.every and e.done % self.every == 0:
             e.snaps.append((self.global_step(e.done), lr, stats_sums.clone()))  # a device-side copy
-        if e.bar is not None:
-            e.bar.update(1)  # tqdm_ray sends its state at most once a second
         if now >= e.due:
             self._flush(stats_sums, now, show=True)
             e.due = now + self.interval
@@ -125,8 +122,6 @@ class Watch:
             e.snaps.append((self.global_step(e.done), lr, stats_sums.clone()))
         self._flush(stats_sums, time.monotonic(), show=False)
         e.ended = time.monotonic()
-        if e.bar is not None:
-            e.bar.close()
 
     # --- inside ---
 
@@ -160,10 +155,6 @@ class Watch:
         per_step = (now - e.first_step) / timed
         images = self.batch * self.world / per_step
         epoch_eta, run_eta = self.etas(per_step)
-        if e.bar is not None:
-            e.bar.set_description(f"epoch {e.index + 1}/{self.cfg.epochs} loss {loss:.3f} err {err:.2f}% "
-                                  f"{images:.0f} images/s, run ETA {duration(run_eta)}")
-            return
         say(f"epoch {e.index + 1}/{self.cfg.epochs} step {e.done}/{self.steps} at {now - e.start:.1f} s: "
             f"loss {loss:.3f} err {err:.2f}% "
             f"(rank 0, running) | {images:.0f} images/s | epoch ETA {duration(epoch_eta)}, "
@@ -171,10 +162,53 @@ class Watch:
 
     def etas(self, per_step: float) -> tuple[float, float]:
         """(seconds left in this epoch's steps, seconds left in the run): the epochs after this one
-        take as long as the last whole ones of this process, else as long as this one's steps."""
+        take as long as the last whole ones of this process (its first only when there is no other),
+        else as long as this one's steps."""
         e = self.now
         epoch_left = (self.steps - e.done) * per_step
-        recent = self.walls[-3:]
+        recent = (self.walls[1:] or self.walls)[-3:]  # the process's first epoch also carried its start-up
         whole = sum(recent) / len(recent) if recent else self.steps * per_step
         tail = sum(self.tails[-3:]) / len(self.tails[-3:]) if self.tails else 0.0
         return epoch_left, epoch_left + tail + (self.cfg.epochs - e.index - 1) * whole
+
+
+class Bars:
+    """The driver's side, when its stdout is a terminal: rank 0's progress lines, as Ray forwards them,
+    become a tqdm bar per epoch (Ray's own tqdm_ray draws nothing through Ray Train's print); every
+    other line is printed above the bar."""
+
+    def __init__(self):
+        self.bar = None
+        self.epoch: tuple[int, int] | None = None
+
+    def take(self, line: str) -> bool:
+        """True when `line` was a progress line, now shown by the bar."""
+        m = LINE.search(line)
+        if m is None:
+            return False
+        from tqdm import tqdm
+
+        epoch, (step, steps) = (int(m[1]), int(m[2])), (int(m[3]), int(m[4]))
+        if self.bar is None or self.epoch != epoch:
+            self.close()
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch[0]}/{epoch[1]}", unit="step", file=sys.stdout,
+                            dynamic_ncols=True, leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {postfix}]")
+            self.epoch = epoch
+        # The bar shows the epoch's time left itself.
+        self.bar.set_postfix_str(re.sub(r"epoch ETA [^,]*, ", "", m[5].replace(" (rank 0, running)", "")), refresh=False)
+        self.bar.update(step - self.bar.n)
+        return True
+
+    def clear(self) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+
+    def refresh(self) -> None:
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
