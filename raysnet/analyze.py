@@ -29,6 +29,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from raysnet import cli as _cli
+from raysnet import storage
 from raysnet.checkpoint import find, load_model
 from raysnet.config import Config, resolve_root
 from raysnet.errors import UsageError
@@ -46,6 +47,7 @@ class AnalyzeArgs:
     batches: int = 10  # validation batches to evaluate; 0: the whole validation set
     stem: bool = False  # count the CIFAR stem's 3x3 conv as layer 0
     out: str = "responses.json"
+    overwrite: bool = False  # replace an existing `out`
     data: DataArgs = field(default_factory=DataArgs)
 
 
@@ -138,8 +140,14 @@ def run(args: list[str]) -> int:
     a = _cli.parse_args(AnalyzeArgs, args, "raysnet.analyze")
     if a.batch < 1 or a.batches < 0:
         raise UsageError(f"bad value for 'batch' ({a.batch}) or 'batches' ({a.batches}): batch >= 1, batches >= 0.")
+    out = Path(a.out).expanduser()
+    if out.is_dir() or (out.exists() and not a.overwrite):
+        raise UsageError(f"out={a.out} {'is a directory' if out.is_dir() else 'already exists'}; nothing was "
+                         "changed. Give out= a new file name (JSON), or pass overwrite=true to replace the file.")
     result = analyze(a.checkpoint, a.data.root, a.batch, a.batches, a.stem)
-    Path(a.out).expanduser().write_text(json.dumps(result, indent=1))
+    from pyarrow import fs
+
+    storage.write_text(fs.LocalFileSystem(), str(out.absolute()), json.dumps(result, indent=1), f"out={a.out}")
     std = result["std"]
     print(f"raysnet: {result['arch']}: {len(std)} 3x3 layers over {result['images']} validation images; response "
           f"std mean {sum(std) / max(len(std), 1):.3f}, min {min(std, default=0):.3f}, max {max(std, default=0):.3f}"
@@ -148,7 +156,7 @@ def run(args: list[str]) -> int:
 
 
 def cli() -> None:
-    _cli.main(run)
+    _cli.main(run, sigterm=True)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,74 @@
-"""What every entry point shares: config errors become one paragraph and exit status 2."""
+"""What every entry point shares: a mistake or failure becomes one paragraph (exit status 2 for the
+user's input, 1 for a failure), an interruption one line; `--debug` keeps the traceback."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import signal
 import sys
 import textwrap
 from collections.abc import Callable
 from typing import TypeVar
 
-from raysnet.errors import ConfigError, UsageError, from_omegaconf, unknown_key
+from raysnet.errors import ConfigError, Stopped, UsageError, from_omegaconf, stop_on_signals, unknown_key
 
 __all__ = ["ConfigError", "UsageError", "main", "parse_args"]  # the errors re-exported for older imports
 
 T = TypeVar("T")
 
 
-def main(run: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-    """Run `run(args)`; a ConfigError is the user's mistake: say it plainly, no traceback."""
+DEBUG_FLAG, DEBUG_ENV = "--debug", "RAYSNET_DEBUG"
+
+
+def _say(text: str) -> None:
+    print(textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False), file=sys.stderr)
+
+
+def _root_cause(e: BaseException) -> str:
+    """`Type: message` of what went wrong. Ray wraps a worker's exception in its own, with the
+    worker's traceback as text: the last `SomethingError: ...` line of that text is the cause."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:
+        found = re.findall(r"^((?:\w+\.)*\w+(?:Error|Exception)\b.*)$", text, re.MULTILINE)
+        if found:
+            return found[-1].strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def main(run: Callable[[list[str]], int | None], argv: list[str] | None = None, *, sigterm: bool = False) -> None:
+    """Run `run(args)` as a command. A ConfigError is the user's mistake: one paragraph, exit
+    status 2. Any other failure: one paragraph naming the cause, exit status 1. Ctrl-C (and
+    SIGTERM, with `sigterm`): one line, exit status 128 + the signal. `--debug` or RAYSNET_DEBUG=1
+    shows the traceback instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [a for a in args if a != DEBUG_FLAG]
+    module = run.__module__
+    if module == "__main__":  # `python -m raysnet.X`: the module's own name is in its spec
+        module = getattr(sys.modules["__main__"].__spec__, "name", "raysnet")
+    tool = module.removesuffix(".__main__")
+    if sigterm:
+        stop_on_signals()
     try:
-        code = run(sys.argv[1:] if argv is None else argv)
+        code = run(args)
     except ConfigError as e:
-        print(textwrap.fill(f"error: {e}", width=100, break_long_words=False, break_on_hyphens=False),
-              file=sys.stderr)
+        _say(f"error: {e}")
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C (SIGINT)"
+        print(f"{tool}: stopped by {name}; nothing half-written was kept.", file=sys.stderr, flush=True)
+        sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))
+    except Exception as e:
+        if debug:
+            raise
+        _say(f"error: {tool} failed: {_root_cause(e)}. (The whole traceback: run it again with {DEBUG_FLAG} or "
+             f"{DEBUG_ENV}=1.)")
+        sys.exit(1)
     sys.exit(code or 0)
 
 
@@ -40,6 +86,23 @@ def _keys(schema, prefix: str = "", sections: bool = False) -> list[str]:
     return out
 
 
+def usage(schema) -> str:
+    """The docstring of the module that defines `schema`, then each key with its default."""
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+    flat = _flat(defaults)
+    keys = "\n".join(f"  {k}={'(required)' if v == '???' else v}" for k, v in flat.items())
+    return f"{(sys.modules[schema.__module__].__doc__ or '').strip()}\n\nKeys and defaults:\n{keys}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def parse_args(schema: type[T], args: list[str] | tuple[str, ...], tool: str) -> T:
     """`key=value` arguments into the dataclass `schema` (OmegaConf does the typing): an unknown
     key, a missing required key or a bad value is a ConfigError that names it."""
@@ -47,6 +110,9 @@ def parse_args(schema: type[T], args: list[str] | tuple[str, ...], tool: str) ->
     from omegaconf.errors import OmegaConfBaseException
 
     where, leaves, keys = f"arguments of {tool}", _keys(schema), _keys(schema, sections=True)
+    if {"-h", "--help"} & set(args):
+        print(usage(schema))
+        sys.exit(0)
     for arg in args:
         key = arg.partition("=")[0]
         if "=" not in arg or not key:

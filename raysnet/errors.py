@@ -1,14 +1,17 @@
 """The errors a person sees, and the one translation of OmegaConf's exceptions into them.
 
 Every layer (config, data, the entry points) raises these; `raysnet.cli.main` prints them as one
-paragraph with exit status 2, so nothing here may import more than OmegaConf.
+paragraph with exit status 2, so nothing here may import more than OmegaConf. Also here: SIGTERM
+turned into an exception that cleans up like Ctrl-C, for the entry points and what they fork.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import signal
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
@@ -19,6 +22,50 @@ class ConfigError(ValueError):
 
 class UsageError(ConfigError):
     """Bad input that is not a config key: a missing file, a mismatched dataset."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` and `except BaseException` cleans up."""
+
+
+_held: list[int] | None = None  # the stop signals that arrived inside `signals_held`; None: outside
+
+
+def _stop(signum: int, frame) -> None:
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise Stopped() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt and `Stopped` (in the main thread)."""
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM take effect when this block ends, not inside it: while a process is
+    forked Python runs callbacks in the parent where an exception from a signal handler is printed
+    and dropped, so the stop would be lost and the command would run on."""
+    global _held
+    outer = _held
+    _held = [] if outer is None else outer
+    try:
+        yield
+    finally:
+        arrived, _held = _held, outer
+        if arrived and outer is None:
+            raise Stopped() if signal.SIGTERM in arrived else KeyboardInterrupt()
+
+
+def child_signals() -> None:
+    """For a process an entry point forks: Ctrl-C reaches the whole process group, but only the
+    parent decides what to clean up (it stops its children); SIGTERM ends a child at once.
+    Without this a forked child inherits `stop_on_signals` and prints a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def from_omegaconf(e: OmegaConfBaseException, where: str, keys: Sequence[str] = ()) -> ConfigError:

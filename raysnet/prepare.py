@@ -22,11 +22,8 @@ def parse_args(args: list[str] | tuple[str, ...]) -> PrepareConfig:
 
 
 def run(args: list[str]) -> int:
-    from raysnet.data.prepare import default_out, prepare, summary, usage
+    from raysnet.data.prepare import default_out, prepare, summary
 
-    if {"-h", "--help"} & set(args):
-        print(usage())
-        return 0
     cfg = parse_args(args)
     meta = prepare(cfg)
     out = cfg.out if "://" in cfg.out else Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)
@@ -35,7 +32,7 @@ def run(args: list[str]) -> int:
 
 
 def cli() -> None:
-    _cli.main(run)
+    _cli.main(run, sigterm=True)  # a stopped prepare removes what it had written
 
 
 if __name__ == "__main__":

@@ -334,6 +334,9 @@ def response_sections(mlflow, infos: list[RunInfo], args: ReportArgs,
 def make_report(args: ReportArgs) -> tuple[Path, str | None]:
     """Write the report into `args.out` -> (the path of report.md, the parent run it was logged to)."""
     out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out={out} is a file; expected a directory for report.md and its figures (created when "
+                         "missing). Nothing was changed.")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"out={out} exists and is not empty; choose another out=DIR or pass overwrite=true.")
     uri = tracking.resolve_uri(args.tracking.uri, "outputs")  # training's default store when none is named
@@ -367,7 +370,7 @@ def run(args: list[str]) -> int:
 
 
 def cli() -> None:
-    _cli.main(run)
+    _cli.main(run, sigterm=True)
 
 
 if __name__ == "__main__":

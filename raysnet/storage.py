@@ -51,10 +51,12 @@ def _fail(uri: str, reason: str) -> UsageError:
 
 
 def open_uri(uri: str, what: str = "data.root"):
-    """(filesystem, path) of a URI or a local path; pyarrow picks the filesystem from the scheme.
-    `what` names the setting the URI came from, for the error."""
+    """(filesystem, path) of a URI or a local directory; pyarrow picks the filesystem from the
+    scheme. `what` names the setting the URI came from, for the error."""
     from pyarrow import fs
 
+    if not is_uri(uri) and Path(uri).expanduser().is_file():
+        raise UsageError(f"{what}={uri} is a file; expected a directory (created when missing).")
     try:
         return fs.FileSystem.from_uri(uri.rstrip("/") if is_uri(uri) else str(Path(uri).expanduser().resolve()))
     except (OSError, ValueError) as e:

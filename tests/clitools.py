@@ -1,11 +1,10 @@
 """Run an entry point in this process exactly as its command line does.
 
 Each tool's module has `run(args) -> int`, and its console entry is `raysnet.cli.main(run, argv)`:
-a ConfigError/UsageError becomes one paragraph on stderr and exit status 2, anything else is a
-traceback. `run_cli` calls that same `main`, in the repository root (where the command-line tests
-ran their subprocesses), and returns the exit status and what was printed. Any other exception
-propagates, so where a subprocess test checked "no Traceback" this one checks "no exception",
-which is stricter. It saves a fresh interpreter per call (torch, FFCV, Ray and MLflow imported and
+a ConfigError/UsageError becomes one paragraph on stderr and exit status 2, any other exception
+one paragraph and exit status 1. `run_cli` calls that same `main`, in the repository root (where
+the command-line tests ran their subprocesses), and returns the exit status and what was printed.
+It saves a fresh interpreter per call (torch, FFCV, Ray and MLflow imported and
 FFCV's numba compiled again: 5-50 s each on two busy cores).
 
 Keep one real `python -m raysnet.<tool>` per tool somewhere (the cheapest): that the module runs

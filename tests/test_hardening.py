@@ -9,6 +9,10 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 import torch
 import torchvision
 from clitools import one_paragraph, ray_started, run_cli
+from PIL import Image
 from torch import nn
 
 from raysnet import checkpoint
@@ -221,3 +226,185 @@ def test_tracking_schemes_mlflow_can_use(tmp_path):
     for uri in ("", "http://127.0.0.1:5000", "https://x", "sqlite:///a.db", "postgresql+psycopg2://u@h/db",
                 "mysql://u@h/db", "file:///tmp/mlruns", "databricks", "databricks://profile", str(tmp_path)):
         _check_tracking_uri(load_config([f"tracking.uri={uri}"]))
+
+
+# --- 4. files: archives, output places, odd images, interruptions ------------------------------------
+
+def _tree(root: Path, n: int = 2, size: tuple[int, int] = (40, 48)) -> Path:
+    """A two-class ImageFolder of random JPEGs."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+def _archive(path: Path, *members: tarfile.TarInfo) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for m in members:
+            tar.addfile(m, io.BytesIO(b"x" * m.size) if m.isfile() else None)
+    return path
+
+
+def _member(name: str, **kw) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = 1 if not kw else 0
+    for k, v in kw.items():
+        setattr(info, k, v)
+    return info
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("truncated", "cannot be unpacked (EOFError"),
+    ("dotdot", "member '../escape.jpg' would be written outside"),
+    ("symlink", "member 'train/a/link.jpg' is a link to '/etc/passwd'"),
+    ("outward-link", "member 'train/a/up.jpg' is a link to '../../../x'"),
+])
+def test_archives_that_cannot_be_unpacked_safely(capsys, tmp_path, kind, words):
+    if kind == "truncated":
+        whole = tmp_path / "whole.tar.gz"
+        with tarfile.open(whole, "w:gz") as tar:
+            tar.add(_tree(tmp_path / "tree"), arcname="tree")
+        archive = tmp_path / "a.tar.gz"
+        archive.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    else:
+        member = {"dotdot": _member("../escape.jpg"),
+                  "symlink": _member("train/a/link.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+                  "outward-link": _member("train/a/up.jpg", type=tarfile.SYMTYPE, linkname="../../../x")}[kind]
+        archive = _archive(tmp_path / "a.tar.gz", _member("train/a/0.jpg"), member)
+    msg = one_paragraph(run_cli(capsys, "raysnet.prepare", "source=imagefolder", f"root={archive}",
+                                f"out={tmp_path / 'ds'}", "progress=false"))
+    assert f"archive '{archive}'" in msg and words in msg
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("tree", "whole.tar.gz")) == ["a.tar.gz"]
+    assert not (tmp_path.parent / "escape.jpg").exists()
+
+
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A read-only filesystem (root writes anywhere else, so permissions alone cannot show it)."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)],
+                                           capture_output=True, check=False).returncode:
+        pytest.skip("needs root to mount a read-only tmpfs (CI runs as root)")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_prepare_into_a_read_only_place_stops_before_reading(capsys, tmp_path, read_only):
+    tree = _tree(tmp_path / "tree", n=1)
+    (tree / "train" / "a" / "0.jpg").write_bytes(b"not decoded: the output place is checked first")
+    res = run_cli(capsys, "raysnet.prepare", "source=imagefolder", f"root={tree}", f"out={read_only / 'ds'}",
+                  "progress=true")
+    msg = one_paragraph(res)
+    assert f"out={read_only / 'ds'}" in msg and "Read-only file system" in msg and "nothing was read" in msg
+    assert "check images" not in res.out + res.err  # no image was decoded
+
+
+@pytest.mark.parametrize("where", ["read-only", "file"])
+def test_run_storage_that_cannot_hold_a_run(capsys, tmp_path, digits, where, request):
+    storage = request.getfixturevalue("read_only") / "runs" if where == "read-only" else tmp_path / "afile"
+    if where == "file":
+        storage.write_text("a file")
+    msg = one_paragraph(run_cli(capsys, "raysnet.train", f"data.root={digits}", f"run.storage={storage}",
+                                "run.name=x"))
+    assert f"run.storage={storage}" in msg
+    assert ("Read-only file system" if where == "read-only" else "is a file; expected a directory") in msg
+    assert not ray_started()
+
+
+def test_prepare_out_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "f").write_text("mine")
+    msg = one_paragraph(run_cli(capsys, "raysnet.prepare", "source=digits", f"out={tmp_path / 'f'}"))
+    assert f"out={tmp_path / 'f'} is a file" in msg and (tmp_path / "f").read_text() == "mine"
+
+
+def test_analyze_and_report_keep_what_exists(capsys, tmp_path):
+    kept = tmp_path / "responses.json"
+    kept.write_text("earlier results")
+    msg = one_paragraph(run_cli(capsys, "raysnet.analyze", "checkpoint=whatever.pt", f"out={kept}"))
+    assert f"out={kept} already exists" in msg and "overwrite=true" in msg and kept.read_text() == "earlier results"
+    msg = one_paragraph(run_cli(capsys, "raysnet.analyze", "checkpoint=whatever.pt", f"out={tmp_path}"))
+    assert "is a directory" in msg
+    msg = one_paragraph(run_cli(capsys, "raysnet.report", "experiment=x", f"out={kept}"))
+    assert f"out={kept} is a file" in msg and kept.read_text() == "earlier results"
+
+
+def _stored(beton: Path) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
+    from ffcv.reader import Reader
+
+    reader, data = Reader(str(beton)), np.fromfile(beton, dtype=np.uint8)
+    sizes = [(int(m["f0"]["height"]), int(m["f0"]["width"])) for m in reader.metadata]
+    raw = [data[int(m["f0"]["data_ptr"]):][:h * w * 3].reshape(h, w, 3) for m, (h, w) in zip(reader.metadata, sizes)
+           if m["f0"]["mode"] == 1]
+    return sizes, raw
+
+
+def test_a_huge_image_does_not_inflate_the_pages(tmp_path):
+    from raysnet.data.prepare import PrepareConfig, prepare
+
+    tree = _tree(tmp_path / "tree", n=3)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (5000, 4000, 3), dtype=np.uint8)).save(
+        tree / "train" / "a" / "huge.jpg", quality=50)
+    meta = prepare(PrepareConfig(source="imagefolder", root=str(tree), out=str(tmp_path / "ds"), storage="raw",
+                                 max_resolution=64, workers=1, progress=False))
+    assert meta["write"]["page_size"]["train"] == 2 * 2**20  # FFCV's smallest: the huge one is stored at 64x51
+    assert (tmp_path / "ds" / "train.beton").stat().st_size < 8 * 2**20
+    assert (64, 51) in _stored(tmp_path / "ds" / "train.beton")[0]
+    assert meta["splits"]["train"]["image_size"]["height"]["max"] == 5000  # the summary tells the source's size
+
+
+def test_sixteen_bit_and_float_images(tmp_path):
+    from raysnet.data.prepare import PrepareConfig, prepare
+
+    tree = _tree(tmp_path / "tree", n=1)
+    ramp = (np.arange(40 * 48).reshape(40, 48) * 34).astype(np.uint16)  # 0 ... 65246
+    Image.fromarray(ramp).save(tree / "train" / "a" / "grey16.png")
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tree / "train" / "b" / "float.tif")
+    meta = prepare(PrepareConfig(source="imagefolder", root=str(tree), out=str(tmp_path / "ds"), storage="raw",
+                                 workers=1, progress=False))
+    assert [(s["path"], "mode F" in s["reason"]) for s in meta["skipped"]] == [("train/b/float.tif", True)]
+    assert Image.open(tree / "train" / "a" / "grey16.png").mode == "I;16"
+    stored = _stored(tmp_path / "ds" / "train.beton")[1]
+    grey = next(im for im in stored if im.shape[:2] == (40, 48) and (im[..., 0] == im[..., 1]).all())
+    assert np.abs(grey[..., 0].astype(int) - np.round(ramp / 257)).max() <= 1  # a ramp, not clipped to white
+    assert grey.max() >= 250 and grey.min() == 0
+
+
+def _prepare_process(tmp_path: Path, out: Path) -> subprocess.Popen:
+    tree = _tree(tmp_path / "tree", n=150, size=(256, 256))
+    return subprocess.Popen([sys.executable, "-m", "raysnet.prepare", "source=imagefolder", f"root={tree}",
+                             f"out={out}", "workers=2", "progress=false", "storage=jpeg"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
+    out = tmp_path / "out" / "ds"
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ".ds.partial-999999999-x"  # from a prepare killed earlier (no such process)
+    stale.mkdir()
+    (stale / "train.beton").write_bytes(b"x" * 1000)
+    alive = tmp_path / "out" / f".ds.partial-{os.getpid()}-y"  # a running prepare's: left alone
+    alive.mkdir()
+    proc = _prepare_process(tmp_path, out)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "out").glob(".ds.partial-[!9]*-*[!y]")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # decoding or writing, with its processes running
+        if how == "SIGTERM":
+            proc.terminate()  # `kill PID`: the main process only
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == (143 if how == "SIGTERM" else 130), stderr
+    assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr
+    assert f"stopped by {'SIGTERM' if how == 'SIGTERM' else 'Ctrl-C'}" in stderr
+    assert f"removed {stale}" in stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [alive.name]

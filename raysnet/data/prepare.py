@@ -21,6 +21,7 @@ import dataclasses
 import os
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from omegaconf import MISSING
 from raysnet import storage
 from raysnet.config import DataConfig, data_root
 from raysnet.data import sources
-from raysnet.data.writer import WriteSettings, out_is_free, write_dataset
+from raysnet.data.writer import WriteSettings, staging, write_into
 from raysnet.errors import ConfigError, UsageError
 
 SOURCES = ("imagefolder", "cifar10", "digits")
@@ -90,14 +91,38 @@ def imagefolder_root(root: Path) -> Iterator[Path]:
     if not (root.is_file() and tarfile.is_tarfile(root)):
         raise UsageError(f"ImageFolder root '{root}' is neither a directory nor a .tar/.tar.gz archive of one.")
     with tempfile.TemporaryDirectory(prefix="raysnet-unpack-") as tmp:
-        with tarfile.open(root) as archive:
-            archive.extractall(tmp, filter="data")  # "data": no absolute paths, links or devices out of tmp
+        _unpack(root, Path(tmp))
         top = [p for p in Path(tmp).iterdir() if not p.name.startswith(".")]
         tree = top[0] if len(top) == 1 and top[0].is_dir() and not (Path(tmp) / "train").is_dir() else Path(tmp)
         if not (tree / "train").is_dir():
             raise UsageError(f"archive '{root}' holds no ImageFolder tree: expected train/<class>/ at its top or "
                              "inside its single top-level folder.")
         yield tree
+
+
+def _unpack(archive: Path, into: Path) -> None:
+    """Extract with tarfile's "data" filter: nothing outside `into`, no absolute or outward links,
+    no devices. A member that breaks those rules, or a damaged archive, stops prepare."""
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
+    except tarfile.FilterError as e:
+        raise UsageError(f"archive '{archive}' is unsafe: its member '{e.tarinfo.name}' {_unsafe(e)}. Nothing was "
+                         "extracted outside a temporary directory (now removed); repack the tree with relative "
+                         "paths and regular files only.") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise UsageError(f"archive '{archive}' cannot be unpacked ({type(e).__name__}: {e}): it is truncated or "
+                         "damaged. Download or pack it again.") from None
+
+
+def _unsafe(e: tarfile.FilterError) -> str:
+    if isinstance(e, (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError)):
+        return f"is a link to '{e.tarinfo.linkname}', outside the archive"
+    if isinstance(e, tarfile.OutsideDestinationError):
+        return "would be written outside the directory it is unpacked into"
+    if isinstance(e, tarfile.SpecialFileError):
+        return "is a device or other special file"
+    return f"is refused ({type(e).__name__})"
 
 
 def load_source(cfg: PrepareConfig, root: Path | None = None) -> sources.Source:
@@ -117,18 +142,17 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if storage.is_uri(cfg.out):
         return _prepare_remote(cfg)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)
-    if not out_is_free(out) and not cfg.overwrite:  # say so before minutes of reading the source
-        raise UsageError(f"output directory '{out}' already exists and is not empty; nothing was changed. Pass "
-                         "overwrite=true to replace it, or choose another out=DIR.")
     given = Path(cfg.root).expanduser()
-    with imagefolder_root(given) if cfg.source == "imagefolder" else contextlib.nullcontext() as tree:
+    # The output place first: one that cannot be written fails before minutes of reading the source.
+    with staging(out, cfg.overwrite) as tmp, \
+            imagefolder_root(given) if cfg.source == "imagefolder" else contextlib.nullcontext() as tree:
         source = load_source(cfg, tree)
         if tree is not None and tree != given:
             source.info["archive"] = str(given.resolve())
         kind = source.storage if cfg.storage == "auto" else cfg.storage
         settings = WriteSettings(kind, cfg.max_resolution or None, cfg.jpeg_quality, cfg.compress_probability,
                                  cfg.smart_threshold, cfg.workers, cfg.progress)
-        return write_dataset(source, out, settings, overwrite=cfg.overwrite)
+        return write_into(source, tmp, out, settings, cfg.overwrite)
 
 
 def _prepare_remote(cfg: PrepareConfig) -> dict[str, Any]:
@@ -154,9 +178,3 @@ def summary(meta: dict[str, Any], out: Path | str) -> str:
         if len(meta["skipped"]) > SHOW_SKIPPED:
             lines.append(f"    ... and {len(meta['skipped']) - SHOW_SKIPPED} more, listed in meta.json")
     return "\n".join(lines)
-
-
-def usage() -> str:
-    keys = "\n".join(f"  {f.name}={'(required)' if f.default is MISSING else f.default}"
-                     for f in dataclasses.fields(PrepareConfig))
-    return f"{__doc__.strip()}\n\nKeys and defaults:\n{keys}"

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from raysnet.errors import UsageError
+from raysnet.errors import UsageError, child_signals, signals_held
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 DIGITS_VAL_FRACTION = 0.2  # 1,797 digits -> 1,437 train / 360 val, stratified
@@ -115,12 +115,29 @@ def load_rgb(path: str, max_resolution: int | None = None, short_side: int | Non
         if im.format == "JPEG" and k < 0.5:
             # Decode at 1/2, 1/4 or 1/8 scale while the image stays at least k times its size.
             im.draft("RGB", (int(w * k) + 1, int(h * k) + 1))
-        rgb = np.asarray(im.convert("RGB"))
+        rgb = to_rgb(im)
     if short_side and min(rgb.shape[:2]) > short_side:  # area-averaged, as FFCV's own resizer
         ratio = short_side / min(rgb.shape[:2])
         size = (max(short_side, round(rgb.shape[1] * ratio)), max(short_side, round(rgb.shape[0] * ratio)))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     return rgb
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit greys ("I": 16-bit PNGs, as 32-bit ints)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """An image's pixels as 8-bit RGB (height x width x 3, uint8). 16-bit greys are scaled
+    (Pillow's own convert clips them to 255: almost all white); floating-point images have no
+    defined range and are refused (the caller skips the file and says why)."""
+    if im.mode in SIXTEEN_BIT:
+        grey = np.asarray(im).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"{im.mode} pixels outside 0-65535: not a 16-bit image")
+        return np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("floating-point pixels (mode F) have no 0-255 range to convert from")
+    return np.asarray(im.convert("RGB"))
 
 
 def _array_stats(images: np.ndarray) -> tuple[list[float], list[float], dict[str, Any]]:
@@ -246,7 +263,7 @@ def _check_image(job: tuple[str, bool]) -> _Checked:
         with Image.open(path) as im:
             im.verify()  # structure and checksums (PNG CRCs), without decoding
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))  # full decode: truncated JPEG data fails here
+            rgb = to_rgb(im)  # full decode: truncated JPEG data fails here
     except Exception as e:  # PIL raises many kinds; every one means "skip this file"
         return _Checked(path, f"{type(e).__name__}: {e}".strip())
     h, w, _ = rgb.shape
@@ -311,7 +328,9 @@ def imagefolder(root: Path, workers: int, max_resolution: int | None, progress: 
     # Decode every image once, in parallel, before writing: the FFCV writer cannot skip a sample
     # once the file's sample count is fixed, and a worker that raises would stop the run.
     jobs = [(p, True) for p in train_paths] + [(p, False) for p in val_paths]
-    with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
+    with signals_held():  # see raysnet.errors.signals_held
+        pool = multiprocessing.get_context("fork").Pool(max(1, workers), initializer=child_signals)
+    with pool:
         checked = list(tqdm(pool.imap(_check_image, jobs, chunksize=8), total=len(jobs), desc="check images",
                             disable=not progress, unit="img"))
     train_checked, val_checked = checked[:len(train_paths)], checked[len(train_paths):]
