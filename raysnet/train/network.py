@@ -7,7 +7,8 @@ nodes fails in `connectFullMesh` ("remote=[127.0.0.1]:…"). Ray knows the right
 node's IP, which Ray Train also gives rank 0's TCP store as MASTER_ADDR. So each worker, before
 its process group starts, sets GLOO_SOCKET_IFNAME to the interface that holds its node's IP:
 the node's network on a cluster, loopback on a local run (where Ray's node IP is 127.0.0.1).
-A GLOO_SOCKET_IFNAME the user set is kept.
+NCCL_SOCKET_IFNAME is set the same way (NCCL needs GPUs: no test lists its sockets). A
+variable the user set is kept.
 
 The process group's rendezvous is rank 0's TCP store, and torch's own store server listens on
 every interface ("::" or 0.0.0.0) whatever host it is given (issue 13: the one socket of a local
@@ -59,13 +60,19 @@ def _ipv6_interface(hex_address: str) -> str | None:
     return None
 
 
+# Gloo's, and NCCL's for its bootstrap and socket transport (NCCL otherwise takes the first
+# interface that is not loopback, whatever Ray's node IP: on a local run, a routable address).
+SOCKET_IFNAME = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
 def use_node_interface() -> str | None:
-    """On a Ray Train worker: point Gloo at the interface of this node's Ray IP. -> the interface"""
+    """On a Ray Train worker: point Gloo and NCCL at the interface of this node's Ray IP. -> Gloo's"""
     import ray
 
     name = interface_of(ray.util.get_node_ip_address())
-    if name and not os.environ.get("GLOO_SOCKET_IFNAME"):
-        os.environ["GLOO_SOCKET_IFNAME"] = name
+    for variable in SOCKET_IFNAME:
+        if name and not os.environ.get(variable):
+            os.environ[variable] = name
     return os.environ.get("GLOO_SOCKET_IFNAME")
 
 
