@@ -271,9 +271,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bad value for 'optim.milestones': {list(cfg.optim.milestones)}. Expected increasing "
                           "fractions of the run between 0 and 1, e.g. [0.5,0.75] for the paper's CIFAR steps.")
     for key in ("pca_lighting", "colour_jitter"):
-        if not 0 <= getattr(cfg.data, key) < 1:
+        if not 0 <= getattr(cfg.data, key) <= 1:
             raise ConfigError(f"bad value for 'data.{key}': {getattr(cfg.data, key)}. Expected a strength from 0 (off) "
-                              "below 1: AlexNet's PCA lighting is 0.1, fb.resnet.torch's colour jitter 0.4.")
+                              "to 1: AlexNet's PCA lighting is 0.1, fb.resnet.torch's colour jitter 0.4.")
     if cfg.data.scale_range[0] > cfg.data.scale_range[1]:
         raise ConfigError(f"bad value for 'data.scale_range': {list(cfg.data.scale_range)}. Expected [min, max].")
     gpus = cfg.run.gpus_per_worker
