@@ -10,8 +10,13 @@ reading), and so are ImageFolder trees whose images are all tiny (longer side at
 CIFAR-10 saved as JPEG files). Other ImageFolder images are stored as JPEG (quality 90) with the
 longer side at most 512 px: ImageNet's photographs are mostly about 500x375, so 512 keeps nearly
 all of them untouched while capping the few large ones, and the scale augmentation (shorter side
-up to 480, paper §3.4) reads from close to full resolution. `storage=proportion` (a `compress_probability` share as JPEG, the
-rest raw) or `raw` trade disk for decoding time, as in FFCV's ImageNet example.
+up to 480, paper §3.4) reads from close to full resolution. Validation images are the exception:
+each is kept whole, its shorter side at most 640 px (the largest test scale) at any aspect ratio,
+for 10-crop and multi-scale testing from the whole image (max_resolution=0 keeps every size).
+`storage=proportion` (a `compress_probability` share as JPEG, the rest raw) or `raw` trade disk
+for decoding time, as in FFCV's ImageNet example. Prepare writes into a hidden sibling of `out`
+and renames it at the end: Ctrl-C or SIGTERM leaves nothing, and the next prepare removes what a
+killed one (SIGKILL) left.
 """
 
 from __future__ import annotations
