@@ -24,6 +24,9 @@ from typing import Any
 # loopback only. Must precede `import ray`.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray folds lines of different processes that differ only in their numbers into one "[repeated 2x
+# across cluster]": never raysnet's (the epoch and progress lines of a sweep's concurrent trials).
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"raysnet: |epoch \d+/\d+: train_err")
 
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -200,9 +203,10 @@ class _DropTokenNotice(logging.Filter):
         return not record.getMessage().startswith(TOKEN_NOTICE)
 
 
-def connect_ray(cpus: int):
+def connect_ray(cpus: int, bar: bool = False):
     """The cluster we were submitted to (`ray job submit` sets RAY_ADDRESS), else a local Ray with
-    at least `cpus` logical CPUs (so the requested workers fit even on a small laptop)."""
+    at least `cpus` logical CPUs (so the requested workers fit even on a small laptop). `bar`: draw
+    rank 0's progress lines as a bar on a terminal (one run's; a sweep's trials would share it)."""
     import ray
 
     if not ray.is_initialized():
@@ -222,7 +226,7 @@ def connect_ray(cpus: int):
                      runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
             where = "started a local Ray on 127.0.0.1"
         print(f"raysnet: {where} in {time.perf_counter() - start:.1f} s", flush=True)
-    quiet_ray_logs()
+    quiet_ray_logs(bar)
     return ray
 
 
@@ -230,7 +234,7 @@ def connect_ray(cpus: int):
 EPOCH_LINE = re.compile(r"epoch \d+/\d+: train_err")
 
 
-def quiet_ray_logs() -> None:
+def quiet_ray_logs(bar: bool = False) -> None:
     """Print the output Ray forwards to this driver without HARMLESS_RAY_LINES, and on a terminal
     with rank 0's progress lines drawn as a tqdm bar (once per ray.init)."""
     from ray._private import worker as ray_worker
@@ -243,7 +247,7 @@ def quiet_ray_logs() -> None:
     if printer is None or getattr(printer, "raysnet", False):
         return
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
-    bars = Bars() if sys.stdout.isatty() else None
+    bars = Bars() if bar and sys.stdout.isatty() else None
 
     def print_logs(data: dict) -> None:
         lines = [line for line in data.get("lines", []) if not any(p.search(line) for p in HARMLESS_RAY_LINES)]
@@ -366,7 +370,7 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
     print(f"raysnet: checked the config, the dataset and the tracking store in {time.perf_counter() - start:.1f} s",
           flush=True)
     cpus = cfg.run.workers * cfg.run.cpus_per_worker
-    connect_ray(cpus)
+    connect_ray(cpus, bar=parent_run_id is None)
     gpus = gpus_per_worker(cfg)
     steps = steps_per_epoch(cfg, meta)
     nest = {tracking.PARENT_TAG: parent_run_id} if parent_run_id else {}

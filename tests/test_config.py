@@ -90,6 +90,11 @@ def test_own_dataset_yaml_with_unknown_key_is_an_error(tmp_path):
     ("model.shortcut", "C", "C"),
     ("model.variant", "v1.5", "v1.5"),
     ("optim.milestones", "[0.3,0.6,0.9]", (0.3, 0.6, 0.9)),
+    ("run.progress_s", "5", 5.0),
+    ("tracking.step_every", "20", 20),
+    ("tracking.step_every", "null", None),
+    ("tracking.system_metrics_s", "0", 0.0),
+    ("tracking.register", "resnets", "resnets"),
 ])
 def test_user_facing_keys_override(key, value, expected):
     cfg = load_config([f"{key}={value}"])
