@@ -271,10 +271,10 @@ def start_system_metrics(cfg: Config, run_id: str, node: str, where: str):
         return None
     import logging
 
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO line per start and stop
     try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # needs psutil
+
         monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_s, resume_logging=True,
                                        node_id=node, tracking_uri=cfg.tracking.uri)
         client(cfg.tracking.uri).set_tag(run_id, f"{NODE_TAG}.{node}", where)

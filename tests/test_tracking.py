@@ -11,19 +11,25 @@ from raysnet import tracking
 from raysnet.config import ConfigError, load_config
 
 
-def _run(tmp_path, **overrides):
-    """A fresh store with one run of a config: (config, run id)."""
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for this file's tests (MLflow builds its tables in seconds, once)."""
+    return tmp_path_factory.mktemp("store")
+
+
+def _run(store, name: str, **overrides):
+    """A new run `name` in the store: (its config, run id)."""
     import dataclasses
 
-    cfg = load_config([f"run.storage={tmp_path}", "run.name=t"])
+    cfg = load_config([f"run.storage={store}", f"run.name={name}"])
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
-        cfg.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="raysnet-test", **overrides))
+        cfg.tracking, uri=f"sqlite:///{store / 'mlflow.db'}", experiment="raysnet-test", **overrides))
     run_id, _ = tracking.open_run(cfg, {}, {})
     return cfg, run_id
 
 
-def test_experiments_raysnet_creates_open_on_the_runs_table(tmp_path):
-    cfg, run_id = _run(tmp_path)
+def test_experiments_raysnet_creates_open_on_the_runs_table(store):
+    cfg, run_id = _run(store, "kind")
     mlflow = tracking.client(cfg.tracking.uri)
     exp = mlflow.get_experiment_by_name("raysnet-test")
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
@@ -35,10 +41,10 @@ def test_experiments_raysnet_creates_open_on_the_runs_table(tmp_path):
         "open http://h:5000/#/experiments/7/runs?workflowType=machine_learning in a browser"
 
 
-def test_step_points_land_once_across_a_restart(tmp_path):
+def test_step_points_land_once_across_a_restart(store):
     """A restarted process trains again the steps after the last checkpoint: MLflow keeps the points it
     has and gets only the later ones, each global step once."""
-    cfg, run_id = _run(tmp_path)
+    cfg, run_id = _run(store, "steps")
 
     def points(steps):
         return [(s, {"iter/train_loss": 1.0 / s, "iter/train_err": 50.0, "iter/lr": 0.1}) for s in steps]
@@ -57,8 +63,8 @@ def test_step_points_land_once_across_a_restart(tmp_path):
     again.close()
 
 
-def test_system_metrics_land_under_the_node(tmp_path):
-    cfg, run_id = _run(tmp_path, system_metrics_s=0.2)
+def test_system_metrics_land_under_the_node(store):
+    cfg, run_id = _run(store, "system", system_metrics_s=0.2)
     monitor = tracking.start_system_metrics(cfg, run_id, "node0", "here 127.0.0.1")
     time.sleep(1.5)
     monitor.finish()
@@ -66,8 +72,7 @@ def test_system_metrics_land_under_the_node(tmp_path):
     keys = set(run.data.metrics)
     assert {"system/node0/cpu_utilization_percentage", "system/node0/system_memory_usage_megabytes"} <= keys
     assert run.data.tags[f"{tracking.NODE_TAG}.node0"] == "here 127.0.0.1"
-    off, run_id = _run(tmp_path / "off", system_metrics_s=0)
-    assert tracking.start_system_metrics(off, run_id, "node0", "here") is None
+    assert tracking.start_system_metrics(load_config(["tracking.system_metrics_s=0"]), run_id, "node0", "x") is None
 
 
 @pytest.mark.parametrize("args, words", [

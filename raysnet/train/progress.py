@@ -95,8 +95,9 @@ class Watch:
             self.tails.append(now - self.now.ended)
         self.now = Epoch(index=epoch, start=now, due=now + self.interval)
         if not self.walls and self.mode != "off":  # this process's first epoch
-            what = "FFCV compiles its loader pipeline" + (", torch.compile the model" if self.cfg.model.compile else "")
-            say(f"epoch {epoch + 1}: the first step ({what}) ...")
+            what = [w for w, on in (("FFCV compiles its loader pipeline", self.cfg.data.loader == "ffcv"),
+                                    ("torch.compile compiles the model", self.cfg.model.compile)) if on]
+            say(f"epoch {epoch + 1}: the first step ({'; '.join(what) or 'its data and kernels are set up'}) ...")
             self.steps_start = now
 
     def after_step(self, step: int, stats_sums: torch.Tensor, lr: float) -> None:
