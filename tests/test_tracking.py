@@ -29,7 +29,7 @@ def _run(store, name: str, **overrides):
 
 
 def test_experiments_raysnet_creates_open_on_the_runs_table(store):
-    cfg, run_id = _run(store, "kind")
+    cfg, _ = _run(store, "kind")
     mlflow = tracking.client(cfg.tracking.uri)
     exp = mlflow.get_experiment_by_name("raysnet-test")
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"

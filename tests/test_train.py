@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -131,7 +132,7 @@ def test_the_mlflow_ui_shows_the_runs_charts_and_system_metrics(recorded):
 
     from raysnet import tracking
 
-    storage, uri = recorded
+    _, uri = recorded
     mlflow = tracking.client(uri)
     run = tracking.find_run(mlflow, "raysnet-digits", tracking.RUN_NAME_TAG, "e2e")
     port = free_port()
@@ -310,7 +311,7 @@ def check_cadence(lines: list[tuple[float, str]], every: float) -> None:
     first = [m for _, line in lines if (m := PROGRESS.search(line)) and m[1] == "1"]
     assert len(first) >= 2, "\n".join(line for _, line in lines)
     at = [float(m[2]) for m in first]
-    assert all(every - 0.05 <= b - a <= every + 3 for a, b in zip(at, at[1:])), at
+    assert all(every - 0.05 <= b - a <= every + 3 for a, b in itertools.pairwise(at)), at
 
 
 def check_etas(lines: list[tuple[float, str]], epochs: int) -> None:

@@ -43,7 +43,7 @@ def step_every(cfg: Config, steps: int) -> int:
 
 def duration(seconds: float) -> str:
     """12 s, 4 min 05 s, 3 h 12 min, 2 d 04 h: what an ETA needs, no more."""
-    s = int(round(max(seconds, 0)))
+    s = round(max(seconds, 0))
     if s < 60:
         return f"{s} s"
     if s < 3600:

@@ -7,6 +7,7 @@ Sections follow the data: the pieces (statistics, the train step, validation, th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import tempfile
@@ -313,7 +314,7 @@ def _say_built(cfg: Config, world: int, first_epoch: int, clock: list[float]) ->
 
     if cfg.run.progress_s <= 0:
         return
-    loaders, network, restore = (b - a for a, b in zip(clock, clock[1:]))
+    loaders, network, restore = (b - a for a, b in itertools.pairwise(clock))
     resumed = f", checkpoint of epoch {first_epoch} restored in {restore:.1f} s" if first_epoch else ""
     say(f"{world} worker(s) up; rank 0 built its data loaders in {loaders:.1f} s and the network in "
         f"{network:.1f} s{resumed}")
