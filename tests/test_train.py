@@ -352,6 +352,7 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
     out.thread.join(30)
     assert "resuming" in out.text()
     assert not [line for _, line in first.lines + out.lines if "error" in line.lower()], out.text()
+    assert "PreemptionWatcher" not in out.text() and "Token authentication is enabled" not in out.text()
     check_etas(out.lines, epochs=4)
     h = history(f"sqlite:///{tmp_path / 'mlflow.db'}", "again")
     assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
@@ -367,6 +368,18 @@ def test_gpus_a_local_machine_lacks_fail_fast(tmp_path, digits):
     assert "run.gpus_per_worker=1" in out.stderr and "Traceback" not in out.stderr
     assert time.time() - start < 120  # not Ray's endless wait for resources
     assert not (tmp_path / "mlflow.db").exists()  # stopped before any MLflow run was opened
+
+
+def test_only_rays_known_harmless_lines_are_left_out():
+    from raysnet.lifecycle import HARMLESS_RAY_LINES
+
+    preemption = ("[2026-11-30 00:35:30,225 E 10040 10087] core_worker.cc:2465: Actor with class name: "
+                  "'PreemptionWatcher' and ID: 'bf635d64a1cf3b2568837aa401000000' has constructor arguments in the "
+                  "object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
+                  "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
+                  "details.")
+    other = "[2026-11-30 00:35:30,225 E 10040 10087] core_worker.cc:1234: Actor 'RayTrainWorker' died unexpectedly"
+    assert [any(p.search(line) for p in HARMLESS_RAY_LINES) for line in (preemption, other)] == [True, False]
 
 
 def test_a_changed_config_does_not_resume_silently(capsys, tmp_path, digits):
