@@ -163,13 +163,13 @@ class Watch:
 
     def etas(self, per_step: float) -> tuple[float, float]:
         """(seconds left in this epoch's steps, seconds left in the run): the epochs after this one
-        take as long as the last whole ones of this process (its first only when there is no other),
-        else as long as this one's steps."""
+        take as long as the last whole ones of this process but its first (which also carried its
+        start-up), else as long as this one's steps and the last epochs' tails (validation, checkpoint)."""
         e = self.now
         epoch_left = (self.steps - e.done) * per_step
-        recent = (self.walls[1:] or self.walls)[-3:]  # the process's first epoch also carried its start-up
-        whole = sum(recent) / len(recent) if recent else self.steps * per_step
         tail = sum(self.tails[-3:]) / len(self.tails[-3:]) if self.tails else 0.0
+        recent = self.walls[1:][-3:]
+        whole = sum(recent) / len(recent) if recent else self.steps * per_step + tail
         return epoch_left, epoch_left + tail + (self.cfg.epochs - e.index - 1) * whole
 
 
