@@ -5,39 +5,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import sys
 import textwrap
 from collections.abc import Callable
 from typing import TypeVar
 
-from raysnet.errors import ConfigError, Stopped, UsageError, from_omegaconf, stop_on_signals, unknown_key
+from raysnet.errors import (
+    DEBUG_ENV,
+    ConfigError,
+    Stopped,
+    UsageError,
+    from_omegaconf,
+    root_cause,
+    stop_on_signals,
+    unknown_key,
+)
 
 __all__ = ["ConfigError", "UsageError", "main", "parse_args"]  # the errors re-exported for older imports
 
 T = TypeVar("T")
 
 
-DEBUG_FLAG, DEBUG_ENV = "--debug", "RAYSNET_DEBUG"
+DEBUG_FLAG = "--debug"
 
 
 def _say(text: str) -> None:
     print(textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False), file=sys.stderr)
-
-
-def _root_cause(e: BaseException) -> str:
-    """`Type: message` of what went wrong. Ray wraps a worker's exception in its own, with the
-    worker's traceback as text: the last `SomethingError: ...` line of that text is the cause."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = str(e).strip()
-    if "Traceback (most recent call last)" in text:
-        found = re.findall(r"^((?:\w+\.)*\w+(?:Error|Exception)\b.*)$", text, re.MULTILINE)
-        if found:
-            return found[-1].strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def main(run: Callable[[list[str]], int | None], argv: list[str] | None = None, *, sigterm: bool = False) -> None:
@@ -48,6 +42,8 @@ def main(run: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != DEBUG_FLAG]
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # for the processes this one starts (a local Ray's workers)
     module = run.__module__
     if module == "__main__":  # `python -m raysnet.X`: the module's own name is in its spec
         module = getattr(sys.modules["__main__"].__spec__, "name", "raysnet")
@@ -66,7 +62,7 @@ def main(run: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     except Exception as e:
         if debug:
             raise
-        _say(f"error: {tool} failed: {_root_cause(e)}. (The whole traceback: run it again with {DEBUG_FLAG} or "
+        _say(f"error: {tool} failed: {root_cause(e)}. (The whole traceback: run it again with {DEBUG_FLAG} or "
              f"{DEBUG_ENV}=1.)")
         sys.exit(1)
     sys.exit(code or 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 import signal
 import typing
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,9 @@ class ConfigError(ValueError):
 
 class UsageError(ConfigError):
     """Bad input that is not a config key: a missing file, a mismatched dataset."""
+
+
+DEBUG_ENV = "RAYSNET_DEBUG"  # set (not 0): tracebacks instead of one-paragraph errors
 
 
 class Stopped(KeyboardInterrupt):
@@ -66,6 +70,20 @@ def child_signals() -> None:
     Without this a forked child inherits `stop_on_signals` and prints a traceback of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def root_cause(e: BaseException) -> str:
+    """`Type: message` of what went wrong. Ray wraps a worker's exception in its own, with the
+    worker's traceback as text: the last `SomethingError: ...` line of that text is the cause."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:
+        found = re.findall(r"^((?:\w+\.)*\w+(?:Error|Exception)\b.*)$", text, re.MULTILINE)
+        if found:
+            return found[-1].strip().rstrip(".")
+    first = text.splitlines()[0].rstrip(".") if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def from_omegaconf(e: OmegaConfBaseException, where: str, keys: Sequence[str] = ()) -> ConfigError:

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from raysnet import checkpoint, storage, tracking  # noqa: E402
 from raysnet.config import Config, flatten, from_dict, to_dict, to_yaml  # noqa: E402
-from raysnet.errors import UsageError  # noqa: E402
+from raysnet.errors import DEBUG_ENV, UsageError, root_cause  # noqa: E402
 
 CONFIG_FILE = "raysnet-config.yaml"
 # Keys a resumed run may change: they alter how it runs, not what it computes.
@@ -81,12 +81,26 @@ def check_resume(cfg: Config) -> bool:
                          "exists and that this machine has a route to it and permission to read.") from None
     now = flatten(cfg)
     changed = sorted(k for k, v in now.items() if k not in RESUMABLE_KEYS and saved.get(k) != v)
+    if changed and not _has_checkpoint(filesystem, f"{root}/{cfg.run.name}"):
+        # An earlier attempt that stopped before its first checkpoint trained nothing to protect.
+        print(f"raysnet: run.name={cfg.run.name} has no checkpoint yet (its earlier attempt stopped before one); "
+              "starting it again with this config", flush=True)
+        storage.write_text(filesystem, path, to_yaml(cfg), f"run.storage={cfg.run.storage}")
+        return False
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise UsageError(f"run.name={cfg.run.name} already exists in {cfg.run.storage}/{cfg.run.name} with a "
                          f"different config ({diffs}). Rerun with the same settings to resume it, or choose a "
                          "new run.name.")
     return True
+
+
+def _has_checkpoint(filesystem, run_dir: str) -> bool:
+    """Whether Ray Train has written a checkpoint (checkpoint_<time>/) into the run's directory."""
+    from pyarrow import fs
+
+    infos = filesystem.get_file_info(fs.FileSelector(run_dir, allow_not_found=True))
+    return any(i.type == fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
 
 
 # The schemes of MLflow 3's tracking stores: its REST client, its SQLAlchemy databases (a driver
@@ -350,10 +364,20 @@ def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: l
     )
 
 
+class _DropWorkerTraceback(logging.Filter):
+    """Ray Train logs a failed worker's traceback on the worker, and Ray forwards it to the driver;
+    the driver says the cause in one paragraph (its traceback with --debug / RAYSNET_DEBUG=1)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Error in training function")
+
+
 def _train_loop(config: dict) -> None:
     # Imported inside, so Ray ships a reference to the module rather than pickling the driver's state.
     from raysnet.train.worker import train_loop
 
+    if os.environ.get(DEBUG_ENV, "") in ("", "0"):
+        logging.getLogger("ray.train.v2._internal.util").addFilter(_DropWorkerTraceback())
     train_loop(config)
 
 
@@ -381,9 +405,10 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
     try:
         result = make_trainer(cfg, meta, run_id, gpus, callbacks or []).fit()
         return finish(cfg, run_id, result)
-    except (Exception, KeyboardInterrupt):
+    except (Exception, KeyboardInterrupt) as e:
+        reason = "stopped by Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt) else root_cause(e)
         with contextlib.suppress(Exception):  # the error itself matters more than the record of it
-            tracking.fail_run(cfg, run_id)
+            tracking.fail_run(cfg, run_id, reason)
         raise
 
 
@@ -406,7 +431,7 @@ def finish(cfg: Config, run_id: str, result: Any) -> int:
         last = f"the last good checkpoint is {result.checkpoint.path}" if result.checkpoint else "no checkpoint yet"
         why = f"the training loss became non-finite at epoch {bad['epoch'] + 1}/{cfg.epochs} (counted from 1, as the progress lines), step {bad['step']}"
         print(f"error: {why} (lower optim.lr, or check the data); training stopped and {last}.", file=sys.stderr)
-        tracking.fail_run(cfg, run_id, diverged=why)
+        tracking.fail_run(cfg, run_id, why, diverged=True)
         return 1
     m = {k: (result.metrics or {}).get(k, float("nan")) for k in ("val_err", "val_err_top5", "train_err")}
     with result.checkpoint.as_directory() as d:

@@ -31,6 +31,7 @@ SWEEP_TAG = "raysnet.sweep"  # on a sweep's parent run: the sweep's identity
 SWEEP_ID_TAG = "raysnet.sweep_id"  # on a trial's run: its sweep's identity
 TRIAL_TAG = "raysnet.trial"  # on a trial's run: its overrides as JSON
 DIVERGED_TAG = "raysnet.diverged"  # the loss became non-finite: a result of the settings, not a failure
+FAILURE_TAG = "raysnet.failure"  # why a run stopped failed: the error, or the signal that stopped it
 STOPPED_TAG = "raysnet.stopped"  # a trial stopped early by the scheduler
 STEPS_PARAM = "steps_per_epoch"  # each run's training steps per epoch (plots against iterations)
 STATUS_STOPPED = "KILLED"  # MLflow's status for a trial the scheduler stopped early
@@ -346,9 +347,9 @@ def register(cfg: Config, run_id: str, model_uri: str, val_err: float) -> str:
     return f"{cfg.tracking.register} version {version.version}"
 
 
-def fail_run(cfg: Config, run_id: str, diverged: str = "") -> None:
-    """Close a run as FAILED; `diverged` says why when the loss became non-finite."""
+def fail_run(cfg: Config, run_id: str, reason: str, diverged: bool = False) -> None:
+    """Close a run as FAILED with `reason` as its failure tag (and its diverged tag when the loss
+    became non-finite)."""
     records = client(cfg.tracking.uri)
-    if diverged:
-        records.set_tag(run_id, DIVERGED_TAG, diverged)
+    records.set_tag(run_id, DIVERGED_TAG if diverged else FAILURE_TAG, reason[:5000])  # MLflow's tag limit: 8000
     records.set_terminated(run_id, status="FAILED")

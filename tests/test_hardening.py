@@ -408,3 +408,41 @@ def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
     assert f"stopped by {'SIGTERM' if how == 'SIGTERM' else 'Ctrl-C'}" in stderr
     assert f"removed {stale}" in stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [alive.name]
+
+
+# --- 5. a failure inside training: one paragraph, a FAILED run with its reason, no lock-out ----------
+
+@pytest.mark.e2e
+def test_a_failure_inside_training(tmp_path, digits):
+    """A dataset whose meta.json lists 5 classes while its files hold labels 0-9: nothing before
+    Ray can see it (reading every label would cost a pass over the data); the loss fails on the
+    workers. Then the corrected rerun under the same run.name is not refused."""
+    from mlflow import MlflowClient
+
+    from raysnet import lifecycle
+    from raysnet.tracking import FAILURE_TAG
+
+    data = tmp_path / "five"
+    shutil.copytree(digits, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["classes"], meta["num_classes"] = meta["classes"][:5], 5
+    for split in meta["splits"].values():
+        counts = list(split["per_class"].values())
+        split["per_class"] = {c: n for c, n in zip(meta["classes"], [*counts[:4], sum(counts[4:])])}
+    (data / "meta.json").write_text(json.dumps(meta))
+    args = [f"data.root={data}", f"run.storage={tmp_path / 'runs'}", "run.name=labels", "arch=resnet20",
+            "batch_size=64", "run.workers=1", "run.max_failures=0", "tracking.log_model=false"]
+    done = subprocess.run([sys.executable, "-m", "raysnet.train", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_TMPDIR": "/tmp"})
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    failure = " ".join(done.stderr.split())  # the one paragraph, and nothing else: Ray's copy of the traceback left out
+    assert failure.startswith("error: raysnet.train failed: IndexError: Target") and failure.count("error") == 1
+    assert "out of bounds" in failure and "--debug" in failure and "Traceback" not in done.stderr
+    records = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [run] = records.search_runs(records.get_experiment_by_name("raysnet-digits").experiment_id)
+    assert run.info.status == "FAILED" and "out of bounds" in run.data.tags[FAILURE_TAG]
+
+    corrected = lifecycle.finalize(load_config([a for a in args if not a.startswith("data.root")] +
+                                               [f"data.root={digits}"]))
+    assert lifecycle.check_resume(corrected) is False  # starts afresh: nothing was trained under that name
+    assert str(digits) in (tmp_path / "runs" / "labels" / "raysnet-config.yaml").read_text()

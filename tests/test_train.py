@@ -388,6 +388,7 @@ def test_a_changed_config_does_not_resume_silently(capsys, tmp_path, digits):
 
     saved = to_yaml(load_config([f"data.root={digits}", f"run.storage={tmp_path}", "run.name=x", "epochs=9"]))
     (tmp_path / "x" / "raysnet-config.yaml").write_text(saved)
+    (tmp_path / "x" / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # it has trained: its config holds
     out = run_cli(capsys, "raysnet.train", f"data.root={digits}", f"run.storage={tmp_path}", "run.name=x", "epochs=3")
     msg = one_paragraph(out)
     assert "epochs" in msg and "different config" in msg
