@@ -340,6 +340,7 @@ def make_report(args: ReportArgs) -> tuple[Path, str | None]:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"out={out} exists and is not empty; choose another out=DIR or pass overwrite=true.")
     uri = tracking.resolve_uri(args.tracking.uri, "outputs")  # training's default store when none is named
+    tracking.check_readable(uri)
     mlflow, infos, parent, others = read_runs(args, uri)
     out.mkdir(parents=True, exist_ok=True)
     params = {i.run_id: count_parameters(i) for i in infos}

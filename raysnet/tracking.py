@@ -59,6 +59,24 @@ def resolve_uri(uri: str, storage: str) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(storage)
 
 
+def check_readable(uri: str, key: str = "tracking.uri") -> None:
+    """A store to read runs back from (the report) exists: MLflow would make an empty SQLite file
+    of a wrong path, and stops on a plain directory with its file-store notice."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))  # sqlite:////abs/x.db or sqlite:///relative/x.db
+        header = path.open("rb").read(16) if path.is_file() else b""
+        if header != b"SQLite format 3\x00":
+            found = "no such file" if not path.exists() else "a directory" if path.is_dir() else "not an SQLite database"
+            raise UsageError(f"{key}={uri} holds no MLflow store ('{path}': {found}). Give the store training wrote "
+                             "into, e.g. tracking.uri=sqlite:///$PWD/outputs/mlflow.db, or a tracking server's http:// "
+                             "address.")
+    elif "://" not in uri and uri not in ("databricks",):
+        raise UsageError(f"{key}={uri} is a path, not a tracking URI: give sqlite:///{Path(uri).absolute()} for an "
+                         "SQLite store (training's default is sqlite:///<run.storage>/mlflow.db) or a tracking "
+                         "server's http:// address.")
+    check_reachable(uri)
+
+
 def check_reachable(uri: str) -> None:
     """Fail before any training when a tracking server is down (MLflow itself would retry for minutes)."""
     if not uri.startswith(("http://", "https://")):

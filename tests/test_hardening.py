@@ -330,6 +330,12 @@ def test_analyze_and_report_keep_what_exists(capsys, tmp_path):
     assert "is a directory" in msg
     msg = one_paragraph(run_cli(capsys, "raysnet.report", "experiment=x", f"out={kept}"))
     assert f"out={kept} is a file" in msg and kept.read_text() == "earlier results"
+    for uri, words in ((f"sqlite:///{kept}", "not an SQLite database"), (f"sqlite:///{tmp_path}/no.db", "no such file"),
+                       (str(kept), "is a path, not a tracking URI")):
+        msg = one_paragraph(run_cli(capsys, "raysnet.report", "experiment=x", f"tracking.uri={uri}",
+                                    f"out={tmp_path / 'report'}"))
+        assert f"tracking.uri={uri}" in msg and words in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["responses.json"]  # no empty store made, no report
 
 
 def _stored(beton: Path) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
