@@ -211,7 +211,8 @@ def test_a_worker_finds_the_interface_of_its_node_ip(world):
 
 
 def test_submit_runs_two_workers_on_two_nodes_from_the_bucket(world):
-    job = world.cluster.submit(train(world, "submit", epochs=2, log_model=True), cwd=str(REPO), name="submit")
+    job = world.cluster.submit(train(world, "submit", epochs=2, log_model=True) + ["tracking.system_metrics_s=1"],
+                               cwd=str(REPO), name="submit")
     first = wait_checkpointed(world, job, "submit", 1)
     assert job.wait(timeout=300) == 0, job.output()[-4000:]
     print(f"\nsubmit -> first epoch checkpointed in the bucket: {first - job.started:.1f} s; "
@@ -237,6 +238,9 @@ def test_submit_runs_two_workers_on_two_nodes_from_the_bucket(world):
     models = world.stores.client().search_logged_models(experiment_ids=[run.info.experiment_id])
     mine = [m for m in models if m.source_run_id == run.info.run_id]
     assert mine, models
+    # MLflow's system metrics from each node that hosts a worker, one series per node (issue 15).
+    assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == {"node0", "node1"}, \
+        sorted(run.data.metrics)
     keys = world.stores.objects(f"mlartifacts/{run.info.experiment_id}/models/")
     assert any(f"/models/{m.model_id}/artifacts/MLmodel" in key for m in mine for key in keys), keys
     assert any("/artifacts/checkpoint/" in key for key in world.stores.objects("mlartifacts/")), \
