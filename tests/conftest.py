@@ -17,8 +17,29 @@ import pytest
 from servers import free_port, wait_until_up
 
 
+def _start_local_ray(tmp: str):
+    import socket
+
+    import ray
+
+    with socket.socket() as s:  # the dashboard serves the state API Ray Train's clean-up polls
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _temp_dir=tmp, logging_level="WARNING")
+
+
+def _answers(call, seconds: float) -> bool:
+    """Whether `call()` returns within `seconds` (it runs on a daemon thread that may stay stuck)."""
+    import threading
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (call(), done.set()), daemon=True).start()
+    return done.wait(seconds)
+
+
 @pytest.fixture(scope="session")
-def ray_local():
+def _ray_session():
     """One local Ray for the session: 4 logical CPUs so two 1-CPU workers and a trainer fit on 2 cores."""
     import shutil
     import tempfile
@@ -27,22 +48,28 @@ def ray_local():
 
     # A short temp dir of our own: Ray's socket paths must stay under the 107-byte Unix limit.
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-
     if ray.is_initialized():
         ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-    import socket
-
-    with socket.socket() as s:  # the dashboard serves the state API Ray Train's clean-up polls
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=tmp, logging_level="WARNING")
+    _start_local_ray(tmp)
     try:
-        yield ray
+        yield tmp
     finally:
-        ray.shutdown()
+        _answers(ray.shutdown, 60)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """The session's local Ray, checked before each test module that uses it. This test process also forks
+    (FFCV's writer, prepare's checks) between those tests, and once in a CI run Ray's state client
+    in this process stopped answering after a few such minutes (ray.cluster_resources() waited for
+    ever on GCS): a Ray that does not answer within 30 s is replaced by a fresh one."""
+    import ray
+
+    if not _answers(ray.cluster_resources, 30):
+        _answers(ray.shutdown, 60)
+        _start_local_ray(_ray_session)
+    return ray
 
 
 @pytest.fixture(scope="session")
