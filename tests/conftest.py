@@ -3,6 +3,7 @@ and stopped by the tests themselves."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,31 +18,15 @@ import pytest
 from servers import free_port, wait_until_up
 
 
-def _start_local_ray(tmp: str):
-    import socket
-
-    import ray
-
-    with socket.socket() as s:  # the dashboard serves the state API Ray Train's clean-up polls
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=tmp, logging_level="WARNING")
-
-
-def _answers(call, seconds: float) -> bool:
-    """Whether `call()` returns within `seconds` (it runs on a daemon thread that may stay stuck)."""
-    import threading
-
-    done = threading.Event()
-    threading.Thread(target=lambda: (call(), done.set()), daemon=True).start()
-    return done.wait(seconds)
-
-
-@pytest.fixture(scope="session")
-def _ray_session():
-    """One local Ray for the session: 4 logical CPUs so two 1-CPU workers and a trainer fit on 2 cores."""
+@contextlib.contextmanager
+def local_ray():
+    """A local Ray (loopback only, 4 logical CPUs so two 1-CPU workers and a trainer fit on 2
+    cores), started for one test and shut down right after it. Not one Ray for the whole session:
+    this test process forks (FFCV's writer, prepare's checks) between the tests that use Ray, and
+    in full CI runs the session's Ray stopped answering minutes later (ray.cluster_resources()
+    waited for ever on GCS), while a Ray started just before it is used works."""
     import shutil
+    import socket
     import tempfile
 
     import ray
@@ -50,26 +35,22 @@ def _ray_session():
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     if ray.is_initialized():
         ray.shutdown()
-    _start_local_ray(tmp)
+    with socket.socket() as s:  # the dashboard serves the state API Ray Train's clean-up polls
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _temp_dir=tmp, logging_level="WARNING")
     try:
-        yield tmp
+        yield ray
     finally:
-        _answers(ray.shutdown, 60)
+        ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def ray_local(_ray_session):
-    """The session's local Ray, checked before each test module that uses it. This test process also forks
-    (FFCV's writer, prepare's checks) between those tests, and once in a CI run Ray's state client
-    in this process stopped answering after a few such minutes (ray.cluster_resources() waited for
-    ever on GCS): a Ray that does not answer within 30 s is replaced by a fresh one."""
-    import ray
-
-    if not _answers(ray.cluster_resources, 30):
-        _answers(ray.shutdown, 60)
-        _start_local_ray(_ray_session)
-    return ray
+@pytest.fixture
+def ray_local():
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="session")

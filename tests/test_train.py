@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from clitools import one_paragraph, ray_started, run_cli
+from conftest import local_ray
 from servers import free_port, wait_until_up
 
 from raysnet.config import load_config
@@ -57,7 +58,7 @@ def step_points(uri: str, run_name: str, epochs: int, experiment: str = "raysnet
 
 
 @pytest.fixture(scope="module")
-def recorded(ray_local, tmp_path_factory, digits):
+def recorded(tmp_path_factory, digits):
     """One finished 3-epoch run with everything on: its model registered, system metrics every second.
     -> (run.storage, tracking uri)"""
     from raysnet.lifecycle import run_one
@@ -65,7 +66,8 @@ def recorded(ray_local, tmp_path_factory, digits):
     tmp_path = tmp_path_factory.mktemp("recorded")
     cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
                        "tracking.log_model=true", "tracking.register=digits-e2e", "tracking.system_metrics_s=1"])
-    assert run_one(cfg) == 0
+    with local_ray():
+        assert run_one(cfg) == 0
     return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
