@@ -13,6 +13,20 @@ from raysnet.train.schedule import base_lr, lr_factor
 from raysnet.train.worker import EpochStats, autocast_dtype, make_optimizer, train_step
 
 
+def spy_host_syncs(monkeypatch, names: tuple[str, ...]) -> list[str]:
+    """Record every call of these torch.Tensor methods (each one a host sync on a GPU). -> the list they go to"""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **k):
+            calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
 def test_paper_cifar_steps_fall_at_32k_and_48k_of_64k():
     optim = load_config(["recipe=cifar-paper"]).optim
     f = [lr_factor(s, 64_000, optim) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
@@ -57,15 +71,7 @@ def _step_setup(channels_last: bool = False):
 def test_train_step_never_waits_for_the_host(monkeypatch):
     model, opt, sched, images, labels = _step_setup()
     stats = EpochStats(torch.device("cpu"))
-    calls = []
-    for name in ("item", "cpu", "tolist", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _name=name, _original=original, **k):
-            calls.append(_name)
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    calls = spy_host_syncs(monkeypatch, ("item", "cpu", "tolist", "__bool__"))
     for step in range(3):
         train_step(model, images, labels, opt, sched, stats, step, None)
     monkeypatch.undo()
@@ -104,15 +110,7 @@ def test_the_progress_watch_never_waits_for_the_host_either(monkeypatch, capsys)
     stats = EpochStats(torch.device("cpu"))
     watch = Watch(cfg, steps=4, world=2, tracker=None, mode="lines")
     watch.start_epoch(1)
-    calls = []
-    for name in ("item", "cpu", "tolist", "__bool__", "numpy"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _name=name, _original=original, **k):
-            calls.append(_name)
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    calls = spy_host_syncs(monkeypatch, ("item", "cpu", "tolist", "__bool__", "numpy"))
     for step in range(3):
         lr = opt.param_groups[0]["lr"]
         train_step(model, images, labels, opt, sched, stats, step, None)
