@@ -2,7 +2,7 @@
 # Step time of the CIFAR nets at the paper's batch (128, 32x32, bf16, channels_last, synthetic data)
 # under each way of running them: eager, model.compile_mode=cudagraphs (CUDA graphs of the eager
 # kernels) and reduce-overhead (Inductor's kernels in CUDA graphs), compile time included in the
-# wall time printed (issue 16: which mode tuning/table6-cifar.yaml should use on a GPU).
+# wall time printed: which mode tuning/table6-cifar.yaml should use on a GPU.
 #
 #   bash benchmarks/gpu_compile_modes.sh [ARCH ...]   # default: resnet110 resnet20; after gpu_env.sh
 #   MODES="eager cudagraphs" EXTRA="model.channels_last=false run.precision=fp32" bash benchmarks/gpu_compile_modes.sh

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Table 6 of He et al. 2015 on one GPU through raysnet's own commands (issue 16): a local Ray,
+# Table 6 of He et al. 2015 on one GPU through raysnet's own commands, so the GPU
+# measurement is of what a user runs: a local Ray,
 # `python -m raysnet.tune tuning/table6-cifar.yaml` (five trials sharing the GPU, device-resident
 # CIFAR-10, CUDA graphs), MLflow on SQLite, then `python -m raysnet.report`.
 #

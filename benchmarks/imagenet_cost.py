@@ -1,4 +1,5 @@
-"""What reproducing the paper's ImageNet tables costs, from a measured training rate (issue 8).
+"""What reproducing the paper's ImageNet tables costs, from a measured training rate, before
+anyone books the GPUs.
 
     python benchmarks/imagenet_cost.py --log docs/measurements/gpu_check-h200-2026-11-27.log
 

@@ -1,5 +1,6 @@
 """ResNet-20 epoch time with the dataset held in device memory (data.loader=device) against the FFCV
-loader (data.loader=ffcv), side by side in one run, on whatever device this machine has (issue 16).
+loader (data.loader=ffcv), side by side in one run, on whatever device this machine has: how much a
+small net gains when no CPU loader feeds it.
 
     python benchmarks/resident.py [--data-root DIR] [--epochs 3] [--arch resnet20] [key=value ...]
 

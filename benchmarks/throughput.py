@@ -1,4 +1,5 @@
-"""End-to-end training images/s on one device, and on a GPU the model FLOP utilisation (issue 7).
+"""End-to-end training images/s on one device, and on a GPU the model FLOP utilisation: how close the
+fast path comes to what the device could do.
 
     python benchmarks/throughput.py [--arch resnet50] [--batch 256] [--size 224] [--compile]
         [--data synthetic | --data-root DIR] [--steps 30] [--warmup 10] [--epochs N] [key=value ...]

@@ -7,7 +7,8 @@ model without the run (the resolved config, the MLflow run id). `load_model` als
 torchvision state dict, for the paper's testing of published weights.
 
 Every file is read with torch.load(weights_only=True): tensors and plain data only, so a file from
-elsewhere can be refused but never run code (issue 13). The random states are stored that way too.
+elsewhere can be refused but never run code (a pickle's __reduce__ would). The random states are
+stored that way too.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _foreign_globals(path: Path, error: str) -> str:
 
 def _read(path: Path, device: torch.device | str = "cpu") -> Any:
     """The one reader of checkpoints and state dicts: torch.load(weights_only=True), so a file can
-    hold tensors and plain data but never run code (issue 13: a pickle's __reduce__ would)."""
+    hold tensors and plain data but never run code, whoever wrote it."""
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below

@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import re
 import signal
+import sys
 import typing
 from collections.abc import Iterator, Sequence
 
@@ -62,6 +63,25 @@ def signals_held() -> Iterator[None]:
         arrived, _held = _held, outer
         if arrived and outer is None:
             raise Stopped() if signal.SIGTERM in arrived else KeyboardInterrupt()
+
+
+def ray_in_this_process() -> bool:
+    """A Ray driver or worker lives in this process (ray.init ran, or Ray started it)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def fork_context():
+    """multiprocessing's fork context, for the processes that check and encode images. Ray does not
+    support forking a process that holds a Ray driver or worker (the child inherits its threads and
+    sockets half-copied; a test process that did so saw its Ray stop answering minutes later), so
+    that is refused here: such a process prepares in a fresh one (`raysnet.data.prepare.prepare_isolated`)."""
+    import multiprocessing
+
+    if ray_in_this_process():
+        raise RuntimeError("refusing to fork image workers in a process that holds a Ray driver or worker: "
+                           "prepare the dataset before Ray starts, or with raysnet.data.prepare.prepare_isolated")
+    return multiprocessing.get_context("fork")
 
 
 def child_signals() -> None:

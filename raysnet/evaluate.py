@@ -266,7 +266,8 @@ def _device(name: str) -> torch.device:
 
 
 def _stored_whole(meta: dict) -> None:
-    """Datasets prepared before issue 18 capped validation images at max_resolution (longer side)."""
+    """Datasets prepared before validation images were stored whole capped them at max_resolution
+    (longer side): warn that 10-crop and multi-scale testing then see less than the whole image."""
     val = meta["splits"]["val"]
     cap = meta.get("write", {}).get("max_resolution")
     if "short_side" not in val and cap and val["image_size"]["width"]["max"] > cap:

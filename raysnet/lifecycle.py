@@ -40,7 +40,7 @@ RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run
                   "data.loader_workers", "tracking.log_model", "model.compile", "model.compile_mode",
                   "run.ddp_static_graph", "data.loader", "run.progress_s", "tracking.step_every",
                   "tracking.system_metrics_s", "tracking.register"}
-# A job submitted with --working-dir runs in a copy Ray deletes later (see README, "Training").
+# A job submitted with --working-dir runs in a copy Ray deletes later (see README, "Submit to a cluster").
 RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
 
 
@@ -109,7 +109,8 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "
 
 
 def _check_tracking_uri(cfg: Config) -> None:
-    """MLflow can open tracking.uri (or $MLFLOW_TRACKING_URI): found here, not inside Ray (issue 13)."""
+    """MLflow can open tracking.uri (or $MLFLOW_TRACKING_URI): found here, before Ray starts, rather than
+    as a worker's traceback inside Ray."""
     from urllib.parse import urlparse
 
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -202,13 +203,14 @@ def steps_per_epoch(cfg: Config, meta: dict) -> int:
 
 # --- Ray -----------------------------------------------------------------------------------------
 
-# Lines Ray prints into every normal run that report nothing wrong (issue 15), left out of what Ray
-# forwards to this driver: Ray Train's controller starts its PreemptionWatcher actor with
-# max_restarts and its arguments in the object store, and Ray's core worker logs that at ERROR
-# level every time (ray-project/ray#53727); nothing in it is for a user to act on.
+# Lines Ray prints into every normal run that report nothing wrong, left out of what Ray forwards to
+# this driver so that an error-level line always means something: Ray Train's controller starts its
+# PreemptionWatcher actor with max_restarts and its arguments in the object store, and Ray's core
+# worker logs that at ERROR level every time (ray-project/ray#53727); nothing in it is for a user
+# to act on.
 HARMLESS_RAY_LINES = (re.compile(r"core_worker\.cc.*'PreemptionWatcher'.*max_restarts"),)
 # Ray's notice that token authentication is on (its default in 2.60), printed by every ray.init:
-# the README's "Training" section says how the token works.
+# the README's "Submit to a cluster" section says how the token works.
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 

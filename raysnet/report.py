@@ -192,8 +192,9 @@ def table_rows(infos: list[RunInfo], table: str, params: dict[str, int]) -> list
     return rows
 
 
-# ../shared's CIFAR-10 (data=cifar10-jpg) is not CIFAR-10 as the paper used it (issue 18); said beside every
-# number measured on it. The cost is ../shared/README.md's measurement with published option-A weights.
+# ../shared's CIFAR-10 (data=cifar10-jpg) is not CIFAR-10 as the paper used it, and a number measured on
+# it could pass for one on the original; so this is said beside every such number. The cost is
+# ../shared/README.md's measurement with published option-A weights.
 JPEG_CIFAR = "cifar10-jpg"
 JPEG_CIFAR_NOTE = ("cifar10-jpg is CIFAR-10 JPEG-encoded at quality 75 with 4:2:0 chroma subsampling, not the "
                    "original images: a model trained on the originals loses about 10 points of accuracy on it "

@@ -35,7 +35,7 @@ FAILURE_TAG = "raysnet.failure"  # why a run stopped failed: the error, or the s
 STOPPED_TAG = "raysnet.stopped"  # a trial stopped early by the scheduler
 STEPS_PARAM = "steps_per_epoch"  # each run's training steps per epoch (plots against iterations)
 STATUS_STOPPED = "KILLED"  # MLflow's status for a trial the scheduler stopped early
-# Step-level curves (issue 15): rank 0's training loss and error over its last tracking.step_every
+# Step-level curves: rank 0's training loss and error over its last tracking.step_every
 # steps, and the lr, at MLflow step = global iteration (iterations done), for Fig. 4/6 against
 # iterations. Per-epoch METRICS keep step = epoch.
 STEP_METRICS = ("iter/train_loss", "iter/train_err", "iter/lr")
@@ -112,7 +112,7 @@ def client(uri: str):
     from mlflow import MlflowClient
 
     # Its INFO lines when a new SQLite store makes its tables ("Creating initial MLflow database
-    # tables...") are no news to a user (issue 15: quiet logs).
+    # tables...") are no news to a user, and would bury the lines that are.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(uri)
 

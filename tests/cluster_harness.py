@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import ClassVar, Self
 
+from servers import recorded_requests, recording_env
+
 SUBNET = "10.77.0"
 PREFIX = "raysnet-"  # every namespace of the harness: raysnet-<pid of the test process>-<node>
 BIN = str(Path(sys.executable).parent)  # ray, mlflow, moto_server and python of this interpreter
@@ -365,6 +367,7 @@ class Stores:
         ip = net.add(node)
         self.s3, self.tracking_uri = f"http://{ip}:{self.S3_PORT}", f"http://{ip}:{self.MLFLOW_PORT}"
         self.db = root / "mlflow.db"
+        self.recording = root / "s3-requests.jsonl"  # every request the S3 server receives (servers.recording_env)
         # What a client of the bucket needs (every Ray node gets it; its workers inherit it).
         self.s3_env = {**self.KEYS, "AWS_ENDPOINT_URL": self.s3, "MLFLOW_S3_ENDPOINT_URL": self.s3}
         self.env = base_env(root / "home", **self.s3_env)
@@ -380,7 +383,7 @@ class Stores:
         ip = self.net.addr[self.node]
         self.services = [
             Service(self.net, self.node, ["moto_server", "-H", ip, "-p", str(self.S3_PORT)], self.root / "moto.log",
-                    self.env),
+                    {**self.env, **recording_env(self.recording)}),
             Service(self.net, self.node, ["mlflow", "server", "--host", ip, "--port", str(self.MLFLOW_PORT),
                                           "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}",
                                           "--artifacts-destination", f"s3://{self.BUCKET}/mlartifacts"],
@@ -447,10 +450,9 @@ class Stores:
         data = self._ask("get", key)
         return None if data is None else base64.b64decode(data)
 
-    def requests(self) -> list[tuple[str, str, str]]:
-        """Every request the S3 server logged so far: (client address, method, path)."""
-        text = self.services[0].output() if self.services else ""
-        return re.findall(r'^(\S+) - - \[[^\]]*\] "([A-Z]+) (\S+) HTTP', text, re.MULTILINE)
+    def requests(self) -> list[tuple[str, str]]:
+        """Every request the S3 server received so far: (method, path)."""
+        return recorded_requests(self.recording)
 
     def client(self):
         """An MlflowClient on the server's SQLite store, read directly from the root namespace."""

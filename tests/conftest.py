@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
-from servers import free_port, wait_until_up
+from servers import free_port, recording_env, wait_until_up
 
 
 @contextlib.contextmanager
@@ -77,13 +77,16 @@ def smoke_sweep(tmp_path_factory, digits):
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real S3 server (moto's) on loopback with a bucket `data`; the AWS_* variables point pyarrow,
-    boto3 and the processes the tests start at it. -> its log file (one line per request)"""
+    boto3 and the processes the tests start at it. -> the file where it records each request
+    (`servers.recorded_requests` reads it)"""
     if shutil.which("moto_server") is None:
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    folder = tmp_path_factory.mktemp("s3")
+    recording = folder / "requests.jsonl"
     port = free_port()
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=open(folder / "moto.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, **recording_env(recording)})
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -93,7 +96,7 @@ def s3(tmp_path_factory):
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="data")
-        yield log
+        yield recording
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)

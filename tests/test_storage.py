@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from clitools import one_paragraph, ray_started, run_cli
-from servers import free_port
+from servers import free_port, recorded_requests
 
 from raysnet import storage
 from raysnet.errors import UsageError
@@ -30,8 +30,8 @@ def dataset(tmp_path) -> Path:
     return d
 
 
-def _gets(log: Path, key: str) -> int:
-    return sum(1 for line in log.read_text().splitlines() if '"GET ' in line and key in line)
+def _gets(recording: Path, key: str) -> int:
+    return sum(1 for method, path in recorded_requests(recording) if method == "GET" and path.endswith(key))
 
 
 def test_upload_then_fetch_is_a_verified_copy(s3, dataset, tmp_path, monkeypatch):

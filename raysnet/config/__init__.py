@@ -150,8 +150,9 @@ def _from_mapping(mapping: Mapping[str, Any]) -> tuple[dict[str, str], DictConfi
     return groups, node
 
 
-# Issue 18: the boolean data.colour did brightness/contrast/saturation jitter under a name that
-# promised the paper's colour augmentation; it became two keys that say what they do.
+# The boolean data.colour once did brightness/contrast/saturation jitter under a name that
+# promised the paper's colour augmentation; it became two keys that say what they do, and the old
+# key is refused with this message rather than silently meaning something else.
 OLD_COLOUR = ("'data.colour' was replaced by two keys that say what they do: data.pca_lighting=0.1 (AlexNet's "
               "PCA lighting, the colour augmentation paper §3.4 cites) and data.colour_jitter=0.4 (brightness, "
               "contrast and saturation, what colour=true did); 0 turns either off.")
@@ -232,7 +233,8 @@ def load_config(args: Sequence[str] = (), *, base: Sequence[Mapping[str, Any]] =
 
 
 # run.name is a directory inside run.storage and a value inside MLflow filter strings
-# (tracking.find_run): one path component, no quotes, no whitespace (issue 13).
+# (tracking.find_run): one path component, no quotes, no whitespace, so that a name can neither
+# escape run.storage nor change the meaning of a filter.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RUN_NAME_MAX = 128
 
@@ -303,7 +305,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(d: Mapping[str, Any]) -> Config:
-    """The inverse of `to_dict`; also reads the configs of checkpoints written before issue 18."""
+    """The inverse of `to_dict`; also reads the configs of checkpoints written while `data.colour` existed."""
     data = d.get("data")
     if isinstance(data, Mapping) and "colour" in data:  # colour=true was colour_jitter=0.4
         data = {k: v for k, v in data.items() if k != "colour"} | {"colour_jitter": 0.4 if data["colour"] else 0.0}

@@ -47,12 +47,13 @@ class DataConfig:
     flip: bool = True  # random horizontal flip (off for digits: a mirrored digit is another shape)
     scale_range: tuple[int, int] = (256, 480)
     val_resize: int = 256
-    # Colour augmentation, two separate switches (issue 18). pca_lighting: AlexNet's "standard colour
-    # augmentation" that paper §3.4 cites (Krizhevsky et al. 2012 §4.1): add sum_i a_i lambda_i p_i to
-    # every pixel, a_i ~ N(0, pca_lighting), over the eigenvectors p_i and eigenvalues lambda_i of the
-    # training pixels' RGB covariance (meta.json's `pca`, else ImageNet's published values); 0.1 as
-    # AlexNet, 0: off. colour_jitter: brightness, contrast and saturation factors in [1 - m, 1 + m]
-    # (torchvision's ColorJitter(m, m, m)), which fb.resnet.torch adds at 0.4; 0: off.
+    # Colour augmentation, two separate switches, so the paper's and fb.resnet.torch's are told
+    # apart. pca_lighting: AlexNet's "standard colour augmentation" that paper §3.4 cites
+    # (Krizhevsky et al. 2012 §4.1): add sum_i a_i lambda_i p_i to every pixel, a_i ~ N(0,
+    # pca_lighting), over the eigenvectors p_i and eigenvalues lambda_i of the training pixels' RGB
+    # covariance (meta.json's `pca`, else ImageNet's published values); 0.1 as AlexNet, 0: off.
+    # colour_jitter: brightness, contrast and saturation factors in [1 - m, 1 + m] (torchvision's
+    # ColorJitter(m, m, m)), which fb.resnet.torch adds at 0.4; 0: off.
     pca_lighting: float = 0.0
     colour_jitter: float = 0.0
     # "ffcv": FFCV loaders decode and augment every batch on the CPU; "device": each split is decoded
@@ -61,9 +62,10 @@ class DataConfig:
     loader: Literal["ffcv", "device"] = "ffcv"
     loader_workers: int = 2  # FFCV decoding threads per Ray worker
     os_cache: bool = True  # let the OS page cache hold the .beton (small datasets); False: FFCV's QUASI_RANDOM
-    # Progressive resizing (issue 7, FFCV's ImageNet recipe; train_aug=rrc only): the training crop
-    # grows from res_start to res_end px, in steps of 32 px, between the fractions res_start_epoch
-    # and res_end_epoch of the run (counted at each epoch's end; see data.loaders.train_resolution).
+    # Progressive resizing (FFCV's ImageNet recipe: cheaper early epochs; train_aug=rrc only): the
+    # training crop grows from res_start to res_end px, in steps of 32 px, between the fractions
+    # res_start_epoch and res_end_epoch of the run (counted at each epoch's end; see
+    # data.loaders.train_resolution).
     # 0: off, every epoch trains at `crop`, which is always the size validation sees.
     res_start: int = 0
     res_end: int = 0
@@ -112,10 +114,11 @@ class RunConfig:
     eval_every: int = 1  # validate every N epochs (and always on the last)
     max_steps: Optional[int] = None  # stop each epoch after N steps (smoke tests)
     # DDP static_graph: the ResNets use every parameter in every step, so DDP may record the
-    # graph once and skip re-tracing which gradients are ready (issue 7).
+    # graph once and skip re-tracing which gradients are ready, a cost paid on every step otherwise.
     ddp_static_graph: bool = True
-    # Progress inside an epoch, from rank 0 (issue 15): a tqdm bar when the driver's stdout is a
-    # terminal, else a plain line every `progress_s` seconds (Ray job logs are not terminals). 0: off.
+    # Progress inside an epoch, from rank 0, so a long epoch is never silent: a tqdm bar when the
+    # driver's stdout is a terminal, else a plain line every `progress_s` seconds (Ray job logs are
+    # not terminals). 0: off.
     progress_s: float = 30.0
 
 
@@ -125,7 +128,8 @@ class TrackingConfig:
     experiment: str = ""  # empty: raysnet-<data>
     log_model: bool = True  # mlflow.pytorch.log_model at the end
     # Training loss and error of rank 0's last `step_every` steps, at MLflow step = global iteration
-    # (metrics iter/*; issue 15). None: about 30 points per epoch; 0: off.
+    # (metrics iter/*: curves against iterations, as the paper draws them). None: about 30 points
+    # per epoch; 0: off.
     step_every: Optional[int] = None
     # System metrics (CPU, memory, disk, network, each GPU) of every node that hosts a worker, sampled
     # every `system_metrics_s` seconds into the run's "System metrics" as system/node<i>/... 0: off.

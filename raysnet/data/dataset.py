@@ -151,7 +151,7 @@ def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str
         return check_dataset(data, num_classes)  # never prepared on first use: `raysnet.prepare out=URI` writes it
     root = dataset_dir(data)
     if out_is_free(root) and data.auto_prepare and (data.name == "digits" or data.source):
-        from raysnet.data.prepare import PrepareConfig, prepare
+        from raysnet.data.prepare import PrepareConfig, prepare_isolated
 
         if data.name == "digits":
             what, cfg = "the embedded digits dataset", PrepareConfig(source="digits", out=str(root), progress=False)
@@ -165,7 +165,7 @@ def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> dict[str
                                                     progress=False)
         print(f"raysnet: preparing {what} into {root} (first use)", flush=True)
         try:
-            prepare(cfg)
+            prepare_isolated(cfg)
         except UsageError:
             if out_is_free(root):  # not another process finishing first: a real failure
                 raise

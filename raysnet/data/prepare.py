@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -38,7 +41,7 @@ from raysnet import storage
 from raysnet.config import DataConfig, data_root
 from raysnet.data import sources
 from raysnet.data.writer import WriteSettings, staging, write_into
-from raysnet.errors import ConfigError, UsageError
+from raysnet.errors import ConfigError, UsageError, ray_in_this_process
 
 SOURCES = ("imagefolder", "cifar10", "digits")
 SHOW_SKIPPED = 20  # the summary lists this many skipped files; meta.json has them all
@@ -158,6 +161,32 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         settings = WriteSettings(kind, cfg.max_resolution or None, cfg.jpeg_quality, cfg.compress_probability,
                                  cfg.smart_threshold, cfg.workers, cfg.progress)
         return write_into(source, tmp, out, settings, cfg.overwrite)
+
+
+def prepare_isolated(cfg: PrepareConfig) -> dict[str, Any]:
+    """`prepare`, in a fresh Python process when this one holds a Ray driver or worker (a sweep's
+    trial, a second run in one program): prepare forks its image workers, and a process that holds
+    Ray must not fork. In this process otherwise, which saves the child's start-up (imports)."""
+    if not ray_in_this_process():
+        return prepare(cfg)
+    child = subprocess.run([sys.executable, "-c", "from raysnet.data.prepare import _prepare_stdin; _prepare_stdin()"],
+                           input=json.dumps(dataclasses.asdict(cfg)), capture_output=True, text=True, check=False)
+    lines = child.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if lines else {"error": f"prepare stopped with exit status {child.returncode}: "
+                                                           f"{child.stderr.strip()[-2000:]}"}
+    if "error" in answer:
+        raise UsageError(answer["error"])
+    return answer["meta"]
+
+
+def _prepare_stdin() -> None:
+    """The child of `prepare_isolated`: a PrepareConfig as JSON on stdin, one JSON line on stdout."""
+    cfg = PrepareConfig(**json.loads(sys.stdin.read()))
+    try:
+        answer = {"meta": prepare(cfg)}
+    except (UsageError, ConfigError) as e:
+        answer = {"error": str(e)}
+    print(json.dumps(answer), flush=True)
 
 
 def _prepare_remote(cfg: PrepareConfig) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 is 150 MB as uint8), decode each split once with FFCV into one uint8 tensor on the worker's device,
 then cut every batch out of it there, with the recipe's augmentation done on the device.
 
-Small nets on a GPU are starved by a CPU loader (issue 16); here a step costs a gather and a few
+Small nets on a GPU are starved by a CPU loader (their steps take less time than decoding and
+augmenting a batch on a few cores); here a step costs a gather and a few
 elementwise kernels, and no host sync. The semantics are the FFCV path's, so runs are comparable:
 
 - order: the training order of epoch E is exactly the FFCV loader's (`data.loaders.make_loaders`)

@@ -8,7 +8,6 @@ reason why.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from raysnet.errors import UsageError, child_signals, signals_held
+from raysnet.errors import UsageError, child_signals, fork_context, signals_held
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 DIGITS_VAL_FRACTION = 0.2  # 1,797 digits -> 1,437 train / 360 val, stratified
@@ -31,7 +30,7 @@ TINY_SIDE = 64
 DIGITS_SIZE = 32  # upscaled so the CIFAR nets (32x32 input, paper §4.2) run unchanged
 # Validation images keep their shorter side up to the largest scale of the paper's multi-scale
 # testing (§3.4: shorter sides {224, 256, 384, 480, 640}), at any aspect ratio, so that 10-crop
-# and multi-scale testing see each whole image (issue 18).
+# and multi-scale testing see each whole image, as the paper's do, not a crop of it.
 EVAL_SHORT_SIDE = 640
 
 
@@ -329,7 +328,7 @@ def imagefolder(root: Path, workers: int, max_resolution: int | None, progress: 
     # once the file's sample count is fixed, and a worker that raises would stop the run.
     jobs = [(p, True) for p in train_paths] + [(p, False) for p in val_paths]
     with signals_held():  # see raysnet.errors.signals_held
-        pool = multiprocessing.get_context("fork").Pool(max(1, workers), initializer=child_signals)
+        pool = fork_context().Pool(max(1, workers), initializer=child_signals)
     with pool:
         checked = list(tqdm(pool.imap(_check_image, jobs, chunksize=8), total=len(jobs), desc="check images",
                             disable=not progress, unit="img"))

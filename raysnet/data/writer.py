@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 import raysnet
 from raysnet.data.sources import Source, Split
-from raysnet.errors import UsageError, child_signals, signals_held
+from raysnet.errors import UsageError, child_signals, fork_context, signals_held
 from raysnet.storage import file_digests
 
 META = "meta.json"
@@ -71,7 +70,7 @@ class _Writer(DatasetWriter):
         procs: list = []
         try:  # from here: an interruption (Ctrl-C, SIGTERM) must not leak the shared memory
             self.prepare()  # header and field descriptors; creates self.metadata_sm
-            ctx = multiprocessing.get_context("fork")  # the dataset object is shared, not pickled
+            ctx = fork_context()  # the dataset object is shared, not pickled
             todo, allocations = ctx.Queue(), ctx.Queue()
             for chunk in queue_content:
                 todo.put(chunk)
@@ -154,7 +153,7 @@ def _page_size(split: Split, max_resolution: int | None) -> int:
 
 def _fields(w: WriteSettings, split: Split) -> dict:
     # A split whose source caps the shorter side (validation: whole images for 10-crop and
-    # multi-scale testing, issue 18) is stored as it comes; the others are capped by max_resolution.
+    # multi-scale testing) is stored as it comes; the others are capped by max_resolution.
     image = RGBImageField(write_mode=WRITE_MODE[w.storage], max_resolution=None if split.short_side else
                           w.max_resolution or None,
                           smart_threshold=w.smart_threshold, jpeg_quality=w.jpeg_quality,

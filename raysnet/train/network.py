@@ -1,4 +1,5 @@
-"""Which network interface the Ray Train workers' process group uses (issues 13 and 14).
+"""Which network interface the Ray Train workers' process group uses: the node's own, so that a group
+spans nodes, and nothing beyond it, so that a local run opens no socket off loopback.
 
 Gloo, unless GLOO_SOCKET_IFNAME names an interface, binds to the address the machine's hostname
 resolves to. Where the hostname resolves to 127.0.0.1 (Debian's and many images' /etc/hosts,
@@ -10,11 +11,11 @@ the node's network on a cluster, loopback on a local run (where Ray's node IP is
 NCCL_SOCKET_IFNAME is set the same way (NCCL needs GPUs: no test lists its sockets). A
 variable the user set is kept.
 
-The process group's rendezvous is rank 0's TCP store, and torch's own store server listens on
-every interface ("::" or 0.0.0.0) whatever host it is given (issue 13: the one socket of a local
-run that was not on loopback). So rank 0 opens the listening socket itself, on its node's Ray IP
-(127.0.0.1 on a local run), and hands it to `TCPStore(master_listen_fd=...)`; every worker then
-joins the group through that store.
+The process group's rendezvous is rank 0's TCP store, and torch's own store server listens on every
+interface ("::" or 0.0.0.0) whatever host it is given (on a local run, the one socket that was not
+on loopback, open to anyone who could reach the machine). So rank 0 opens the listening socket
+itself, on its node's Ray IP (127.0.0.1 on a local run), and hands it to
+`TCPStore(master_listen_fd=...)`; every worker then joins the group through that store.
 
 `NodeNetworkTorchConfig` is the hook: Ray Train's TorchConfig, whose backend does both on every
 worker: `use_node_interface`, then `join_process_group` in place of Ray's own set-up.

@@ -1,5 +1,5 @@
-"""What rank 0 shows while an epoch runs (issue 15): progress lines, drawn as a tqdm bar by a
-driver whose stdout is a terminal (`Bars`), and the step-level points MLflow records.
+"""What rank 0 shows while an epoch runs, so a long epoch is never silent: progress lines, drawn as
+a tqdm bar by a driver whose stdout is a terminal (`Bars`), and the step-level points MLflow records.
 
 The training step never waits for the device. A step costs the watch a clock read and, every
 tracking.step_every steps, a device-side copy of the epoch's running sums (EpochStats.sums). Every

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 NONFINITE_NOTE = "nonfinite.json"
 # Steps at the start of an epoch left out of `images_per_sec` when they are warm-up, not
 # training speed: torch.compile's first steps (and its recompile for a new input size), DDP's
-# static-graph recording step, cuDNN autotuning of a new size (issue 7).
+# static-graph recording step, cuDNN autotuning of a new size; counted, they would understate the
+# rate the rest of the epoch runs at.
 WARMUP_STEPS = 5
 
 
@@ -309,7 +310,7 @@ def build(config: dict[str, Any]) -> Job:
 
 
 def _say_built(cfg: Config, world: int, first_epoch: int, clock: list[float]) -> None:
-    """Rank 0 says what the start-up of the workers took (issue 15: no silent phases)."""
+    """Rank 0 says what the start-up of the workers took, so that no phase of a run is silent."""
     from raysnet.train.progress import say
 
     if cfg.run.progress_s <= 0:
