@@ -1,4 +1,4 @@
-"""A multi-node Ray cluster, an S3 server and an MLflow server on one machine (issue 14).
+"""A multi-node Ray cluster, an S3 server and an MLflow server on one machine.
 
 Every node and server runs in a network namespace of its own, joined to the others by veth pairs
 on a bridge that lives in a namespace of its own (10.77.0.0/24, no route anywhere else). Nothing

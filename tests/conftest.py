@@ -1,13 +1,13 @@
-"""Shared fixtures: a real local Ray (loopback only), the prepared digits, a real S3 server, all started
-and stopped by the tests themselves."""
+"""Shared fixtures: a real Ray head (loopback only), the prepared digits, a real S3 server, all started
+and stopped by the tests themselves; and the time limit of every test."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 # Ray 2.60 swaps 127.0.0.1 for the routable address unless this is set; it must precede `import ray`.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -18,39 +18,52 @@ import pytest
 from servers import free_port, recording_env, wait_until_up
 
 
-@contextlib.contextmanager
-def local_ray():
-    """A local Ray (loopback only, 4 logical CPUs so two 1-CPU workers and a trainer fit on 2
-    cores), started for one test and shut down right after it. Not one Ray for the whole session:
-    this test process forks (FFCV's writer, prepare's checks) between the tests that use Ray, and
-    in full CI runs the session's Ray stopped answering minutes later (ray.cluster_resources()
-    waited for ever on GCS), while a Ray started just before it is used works."""
-    import shutil
-    import socket
-    import tempfile
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory, s3):
+    """One Ray head for the whole session, as a cluster runs it: `ray start --head` in a process of
+    its own, on 127.0.0.1, with token authentication (a token of its own, not ~/.ray's). -> the
+    environment a client needs (RAY_ADDRESS, the token, the dashboard's address as DASHBOARD);
+    `python -m raysnet.train` and `raysnet.tune` run with it connect instead of starting a Ray.
 
-    import ray
+    The test process itself never holds a Ray driver: it forks (FFCV's writer, prepare's checks),
+    and Ray does not support forking a process that holds one (the session's Ray stopped answering
+    minutes later). Every driver is a subprocess.
 
-    # A short temp dir of our own: Ray's socket paths must stay under the 107-byte Unix limit.
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    if ray.is_initialized():
-        ray.shutdown()
-    with socket.socket() as s:  # the dashboard serves the state API Ray Train's clean-up polls
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=tmp, logging_level="WARNING")
+    Its workers inherit the head's environment, as on a cluster's node: the S3 server's AWS_*
+    variables (the `s3` fixture) and a dataset cache of the session's own (RAYSNET_CACHE)."""
+    import secrets
+
+    port, dash = free_port(), free_port()
+    temp = Path("/tmp") / f"rh{port}"  # short: Ray's socket paths have a 107-byte limit
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_TMPDIR": "/tmp",
+           # Its processes ask this head's state API, not "the newest Ray on this machine": other
+           # Rays run beside it (the killed-driver test's, the cluster's), and Ray Train's
+           # placement-group cleaner printed a traceback when it asked one of those.
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}",
+           "RAYSNET_CACHE": str(tmp_path_factory.mktemp("node-cache"))}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # Ports of our own: a Ray of the killed-driver test, or another user's, holds the default ones.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path_factory.mktemp("ray") / "head.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
     try:
-        yield ray
+        wait_until_up(f"http://127.0.0.1:{dash}/api/version", 180)
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "DASHBOARD": f"http://127.0.0.1:{dash}",
+               "HEAD_PID": str(head.pid)}
     finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture
-def ray_local():
-    with local_ray() as ray:
-        yield ray
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(10)
+        except subprocess.TimeoutExpired:  # its graceful stop waits on every worker: not needed here
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -66,12 +79,12 @@ def digits(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def smoke_sweep(tmp_path_factory, digits):
+def smoke_sweep(tmp_path_factory, digits, ray_head):
     """plain20 vs resnet20 on digits through `python -m raysnet.tune`, killed after its first trial
     and run again to the end (see tests/sweep_helpers.py)."""
     from sweep_helpers import interrupted_sweep
 
-    return interrupted_sweep(tmp_path_factory.mktemp("sweep"), digits)
+    return interrupted_sweep(tmp_path_factory.mktemp("sweep"), digits, ray_head)
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +115,58 @@ def s3(tmp_path_factory):
         server.wait(30)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+# --- two workers --------------------------------------------------------------------------------
+# The suite runs on pytest-xdist's workers (`-n 2` in pyproject.toml): the quick tests are mostly one
+# busy core each, the Ray scenarios wait on start-ups a good part of the time. The tests that share
+# the session's Ray head stay on one worker (one head, scenarios in file order), and so do the
+# multi-node cluster's; the rest spread over both.
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "world" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+        elif "ray_head" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+# --- time limits ----------------------------------------------------------------------------------
+# A test over its limit fails, so that the suite's time grows by decision rather than by drift. The
+# limits hold on a 2-core machine running the whole suite on two workers, where a test takes up to
+# four times as long as alone. The test's own call is held to its limit, its
+# set-up (the session's servers, or a scenario's shared run) to the e2e limit. A test that needs
+# longer in either says so, with the reason:
+#     @pytest.mark.budget(300, "two ray job submissions and a node loss on four Ray nodes")
+
+LIMIT_S = {"e2e": 150.0, "slow": 900.0, "unit": 30.0}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "budget(seconds, reason): a time limit above the default one, and why")
+
+
+def _limit(item) -> tuple[float, str]:
+    mark = item.get_closest_marker("budget")
+    if mark is not None:
+        seconds, reason = mark.args
+        return float(seconds), f"its budget ({reason})"
+    kind = next((k for k in ("slow", "e2e") if item.get_closest_marker(k)), "unit")
+    return LIMIT_S[kind], f"the limit of a{'n' if kind != 'slow' else ''} {kind} test"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when in ("setup", "call") and report.passed:
+        seconds, what = _limit(item)
+        if call.when == "setup" and not item.get_closest_marker("budget"):
+            seconds, what = max(seconds, LIMIT_S["e2e"]), "the limit of a set-up"
+        if call.duration > seconds:
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} took {call.duration:.1f} s in its {call.when}, over {what} of "
+                               f"{seconds:.0f} s. Make it cheaper, or mark it "
+                               f"@pytest.mark.budget(SECONDS, 'why') if it must take that long.")

@@ -1,5 +1,6 @@
-"""A real smoke sweep on the embedded digits, interrupted once and resumed, shared by the sweep and
-report tests (a sweep costs minutes on 2 cores, so it runs once a session)."""
+"""A real sweep on the embedded digits, interrupted once and resumed, shared by the sweep, report and
+reproduction tests (a sweep costs minutes on 2 cores, so it runs once a session): the shipped Table 6
+file (tuning/table6-cifar.yaml) scaled to a CPU, plain-20 against ResNet-20, one trial at a time."""
 
 from __future__ import annotations
 
@@ -12,14 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SMOKE_SWEEP = """\
-name: smoke
-description: plain-20 vs ResNet-20 on digits, a test's sweep
-recipe: digits
-grid:
-  arch: [plain20, resnet20]
-max_concurrent_trials: 1
-"""
+TABLE6 = REPO / "tuning" / "table6-cifar.yaml"
+# The file's own loader (data.loader=device runs on the CPU too), eager, a few steps of two nets.
+ON_A_CPU = ["data=digits", "run.gpus_per_worker=0", "model.compile=false", "epochs=1", "run.workers=1",
+            "batch_size=64", "run.max_steps=8", "tracking.log_model=false", "sweep.grid.arch=[plain20,resnet20]",
+            "sweep.max_concurrent_trials=1"]
 
 
 @dataclass
@@ -55,26 +53,24 @@ def histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in METRICS}
 
 
-def tune_cli(file: Path, args: list[str], **kw) -> subprocess.Popen | subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_TMPDIR": "/tmp"}  # short: Ray's socket paths have a 107-byte limit
+def tune_cli(file: Path, args: list[str], env: dict, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`python -m raysnet.tune FILE ARGS` with `env` (the session's Ray head: it connects to it)."""
     cmd = [sys.executable, "-m", "raysnet.tune", str(file), *args]
     if kw.pop("background", False):
         return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, **kw)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False, **kw)
 
 
-def interrupted_sweep(tmp: Path, digits_root: str) -> SmokeSweep:
-    """Run the smoke sweep as `python -m raysnet.tune`, SIGKILL it (the driver and the local Ray it
-    started, by process group) once its first trial's MLflow run is FINISHED, then run the same
-    command again to the end."""
-    file = tmp / "smoke.yaml"
-    file.write_text(SMOKE_SWEEP)
+def interrupted_sweep(tmp: Path, digits_root: str, env: dict) -> SmokeSweep:
+    """Run the smoke sweep as `python -m raysnet.tune` on the Ray head of `env`, SIGKILL its driver
+    once its first trial's MLflow run is FINISHED (Ray ends the job's trials with it), then run the
+    same command again to the end."""
+    file = TABLE6
     storage = tmp / "out"
-    args = [f"data.root={digits_root}", f"run.storage={storage}", "epochs=1", "run.workers=1", "batch_size=64",
-            "run.max_steps=8", "tracking.log_model=false"]
-    uri, experiment = f"sqlite:///{storage / 'mlflow.db'}", "smoke"
+    args = [*ON_A_CPU, f"data.root={digits_root}", f"run.storage={storage}"]
+    uri, experiment = f"sqlite:///{storage / 'mlflow.db'}", "table6-cifar"
     with open(tmp / "first.log", "w") as log:
-        first = tune_cli(file, args, background=True, stdout=log, stderr=subprocess.STDOUT)
+        first = tune_cli(file, args, env, background=True, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline, done = time.time() + 480, []
             while not done and time.time() < deadline and first.poll() is None:
@@ -90,7 +86,7 @@ def interrupted_sweep(tmp: Path, digits_root: str) -> SmokeSweep:
             first.wait(30)
     run = done[0]
     children = len(child_runs(uri, experiment))
-    rerun = tune_cli(file, args, timeout=600)
+    rerun = tune_cli(file, args, env, timeout=600)
     return SmokeSweep(file=file, args=args, storage=storage, uri=uri, experiment=experiment,
                       first_run_id=run.info.run_id, first_start_time=run.info.start_time,
                       first_history=histories(uri, run.info.run_id), children_at_kill=children, rerun=rerun)

@@ -114,6 +114,7 @@ def test_cli_rejects_unknown_keys(tmp_path, capsys):
     assert missing.value.code == 2 and "no raysnet checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
 def test_the_analyze_command_line_itself(tmp_path):
     """`python -m raysnet.analyze` as typed (the tests above call its entry point in this process)."""
     proc = command("raysnet.analyze", f"checkpoint={tmp_path}", "batchs=2", timeout=120)

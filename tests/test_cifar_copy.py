@@ -1,5 +1,5 @@
 """`../shared`'s CIFAR-10 is JPEG-encoded (quality 75, 4:2:0): every place that shows a number
-measured on it says so, and what it costs (issue 18)."""
+measured on it says so, and what it costs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""End to end on a real multi-node Ray cluster (issue 14), with the dataset, the checkpoints and
+"""End to end on a real multi-node Ray cluster, with the dataset, the checkpoints and
 MLflow's artifacts in a bucket of a real S3 server: `ray job submit` of a 2-worker run whose
-workers land on two nodes, each node fetching the dataset once; a driver stopped mid-run and the
+workers land on two nodes, each node fetching the dataset once, its driver stopped mid-run and the
 same command submitted again, resuming from the bucket; a sweep whose trials train on two nodes,
 stopped and submitted again; a run that loses a node and finishes from its checkpoint in the bucket.
 
@@ -36,7 +36,8 @@ from pathlib import Path
 import pytest
 from cluster_harness import SUBNET, Net, RayCluster, Stores, unavailable, wait_for
 
-pytestmark = pytest.mark.e2e
+# Every test here drives jobs on four Ray nodes sharing two cores; the first also starts them.
+pytestmark = [pytest.mark.e2e, pytest.mark.budget(480, "jobs on a four-node Ray cluster in network namespaces")]
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "raysnet-digits"
@@ -213,35 +214,48 @@ def test_a_worker_finds_the_interface_of_its_node_ip(world):
     assert done.stdout.split() == ["eth0", "lo", "None"]
 
 
-def test_submit_runs_two_workers_on_two_nodes_from_the_bucket(world):
-    job = world.cluster.submit(train(world, "submit", epochs=2, log_model=True) + ["tracking.system_metrics_s=1"],
-                               cwd=str(REPO), name="submit")
+def test_a_job_on_two_nodes_stopped_and_submitted_again_resumes_from_the_bucket(world):
+    """`ray job submit` of a 2-worker run: its workers land on the two nodes, each node fetches the
+    dataset once; the job is stopped mid-run (`ray job stop`) and the same command submitted
+    again resumes from the checkpoint in the bucket and finishes, recording one MLflow run."""
+    command = train(world, "submit", epochs=4, log_model=True) + ["tracking.system_metrics_s=1"]
+    job = world.cluster.submit(command, cwd=str(REPO), name="submit-1")
     first = wait_checkpointed(world, job, "submit", 1)
-    assert job.wait(timeout=300) == 0, job.output()[-4000:]
-    print(f"\nsubmit -> first epoch checkpointed in the bucket: {first - job.started:.1f} s; "
-          f"the whole job: {time.monotonic() - job.started:.1f} s")
-    assert "Job 'submit' succeeded" in job.output()
-    assert job.epochs() == [1, 2]
-
-    workers = world.cluster.train_workers("submit")
+    print(f"\nsubmit -> first epoch checkpointed in the bucket: {first - job.started:.1f} s")
+    workers = world.cluster.train_workers("submit-1")
     assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, workers
     assert {a["node_ip"] for a in workers} == {world.net.addr["w1"], world.net.addr["w2"]}
 
+    stopped = time.monotonic()
+    world.cluster.stop_job("submit-1")
+    job.wait(timeout=120)
+    assert "stopped" in job.output().lower(), job.output()[-4000:]
+    done = checkpointed(world, "submit")  # what the bucket holds once the driver is gone
+    assert 1 <= done < 4, f"{done} epochs checkpointed: the run was not stopped mid-run"
     # Each node downloaded the dataset once, into its own cache; the head (the driver) only checked it.
     assert caches(world) == {"w1", "w2"}
     assert dataset_fetches(world) == 2, world.stores.requests()
+
+    again = world.cluster.submit(command, cwd=str(REPO), name="submit-2")
+    resumed = wait_checkpointed(world, again, "submit", done + 1)
+    assert again.wait(timeout=420) == 0, again.output()[-4000:]
+    print(f"\ndriver stopped after epoch {done} -> resubmitted -> epoch {done + 1} checkpointed: "
+          f"{resumed - again.started:.1f} s after the resubmit, {resumed - stopped:.1f} s after the stop")
+    assert "Job 'submit-2' succeeded" in again.output()
+    assert "raysnet: resuming" in again.output(), again.output()[-4000:]
+    assert again.epochs() == list(range(done + 1, 5)), "resumed from the bucket, not from epoch 0"
+    assert dataset_fetches(world) == 2 and caches(world) == {"w1", "w2"}, "a node downloaded the dataset again"
 
     assert len(checkpoints_in_bucket(world, "submit")) >= 1, world.stores.objects(f"{RUNS}/submit/")
     assert f"{RUNS}/submit/raysnet-config.yaml" in world.stores.objects(f"{RUNS}/submit/")
     assert not (REPO / "outputs" / "submit").exists() and not list(world.root.glob("**/submit/checkpoint_*"))
 
-    status, steps = mlflow_epochs(world, "submit")
-    assert (status, steps) == ("FINISHED", [0, 1])
+    assert mlflow_epochs(world, "submit") == ("FINISHED", [0, 1, 2, 3])
     run = mlflow_run(world, "submit")
     models = world.stores.client().search_logged_models(experiment_ids=[run.info.experiment_id])
     mine = [m for m in models if m.source_run_id == run.info.run_id]
     assert mine, models
-    # MLflow's system metrics from each node that hosts a worker, one series per node (issue 15).
+    # MLflow's system metrics from each node that hosts a worker, one series per node.
     assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == {"node0", "node1"}, \
         sorted(run.data.metrics)
     keys = world.stores.objects(f"mlartifacts/{run.info.experiment_id}/models/")
@@ -249,28 +263,6 @@ def test_submit_runs_two_workers_on_two_nodes_from_the_bucket(world):
     assert any("/artifacts/checkpoint/" in key for key in world.stores.objects("mlartifacts/")), \
         "the run's checkpoint artifacts are not in the bucket"
     assert_isolated(world)
-
-
-def test_a_stopped_driver_resumes_from_the_bucket_when_submitted_again(world):
-    command = train(world, "driverloss", epochs=4)  # the stop must land mid-run even on a loaded machine
-    job = world.cluster.submit(command, cwd=str(REPO), name="driverloss-1")
-    wait_checkpointed(world, job, "driverloss", 1)
-    stopped = time.monotonic()
-    world.cluster.stop_job("driverloss-1")
-    job.wait(timeout=120)
-    assert "stopped" in job.output().lower(), job.output()[-4000:]
-    done = checkpointed(world, "driverloss")  # what the bucket holds once the driver is gone
-    assert 1 <= done < 4, f"{done} epochs checkpointed: the run was not stopped mid-run"
-
-    again = world.cluster.submit(command, cwd=str(REPO), name="driverloss-2")
-    resumed = wait_checkpointed(world, again, "driverloss", done + 1)
-    assert again.wait(timeout=420) == 0, again.output()[-4000:]
-    print(f"\ndriver stopped after epoch {done} -> resubmitted -> epoch {done + 1} checkpointed: "
-          f"{resumed - again.started:.1f} s after the resubmit, {resumed - stopped:.1f} s after the stop")
-    assert "raysnet: resuming" in again.output(), again.output()[-4000:]
-    assert again.epochs() == list(range(done + 1, 5)), "resumed from the bucket, not from epoch 0"
-    assert mlflow_epochs(world, "driverloss") == ("FINISHED", [0, 1, 2, 3])
-    assert dataset_fetches(world) == 2 and caches(world) == {"w1", "w2"}, "a node downloaded the dataset again"
 
 
 SWEEP = """\

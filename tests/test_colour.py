@@ -1,4 +1,4 @@
-"""Colour augmentation (issue 18): AlexNet's PCA lighting and the brightness/contrast/saturation
+"""Colour augmentation: AlexNet's PCA lighting and the brightness/contrast/saturation
 jitter, each its own switch, and the recipes that say which is on."""
 
 from __future__ import annotations

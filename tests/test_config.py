@@ -155,6 +155,7 @@ def test_cli_bad_input_is_one_paragraph_and_exit_2(capsys, arg, key):
     assert result.out == ""
 
 
+@pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
 def test_the_train_command_line_itself():
     """`python -m raysnet.train` as typed (the other tests call its entry point in this process)."""
     proc = command("raysnet.train", "optim.lrr=0.1", timeout=120)

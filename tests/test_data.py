@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -321,6 +322,35 @@ def test_data_source_prepares_on_first_use(tmp_path, monkeypatch, capsys):
     assert "neither a directory nor a .tar/.tar.gz archive" in msg and not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
+def test_a_process_that_holds_ray_prepares_in_a_fresh_one(ray_head, tmp_path):
+    """A driver connected to Ray that needs a dataset on first use (a sweep's trial, a second run in
+    one program) prepares it in a child process: prepare forks its image workers, and a process that
+    holds Ray must not fork. Forking beside the driver is refused, and Ray still answers after both."""
+    make_imagefolder(tmp_path / "src")
+    tar_of(tmp_path / "src", tmp_path / "mine.tar.gz", "mine")
+    driver = f"""
+import ray
+from raysnet.config import DataConfig
+from raysnet.data import ensure_dataset, prepare
+from raysnet.data.prepare import PrepareConfig
+ray.init(logging_level="WARNING")
+data = DataConfig(name="mine", root={str(tmp_path / "ds")!r}, auto_prepare=True, source={str(tmp_path / "mine.tar.gz")!r})
+print("prepared", ensure_dataset(data)["splits"]["train"]["samples"])
+try:
+    prepare(PrepareConfig(source="imagefolder", root={str(tmp_path / "src")!r}, out={str(tmp_path / "direct")!r}))
+except RuntimeError as e:
+    print("refused:", e)
+print("cpus", ray.cluster_resources()["CPU"])
+"""
+    done = subprocess.run([sys.executable, "-c", driver], env=ray_head, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "prepared 12" in lines and "cpus 4.0" in lines, done.stdout
+    assert any(line.startswith("refused: refusing to fork image workers") for line in lines), done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "mine.tar.gz", "src"]  # nothing half-written
+
+
 # --- failures: skipped files, existing output, interrupted writes, bad input ------------------
 
 
@@ -437,6 +467,7 @@ def test_prepare_arguments(capsys):
     assert "source=imagefolder needs root" in one_paragraph_exit(capsys, ["source=imagefolder"])
 
 
+@pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
 def test_cli_exit_status(tmp_path):
     """The real `python -m raysnet.prepare` (the tests above call its entry point in this process):
     kept as a subprocess, as no cheaper prepare command exists (any of them imports FFCV)."""
@@ -509,19 +540,26 @@ def _record_shards(config: dict) -> None:
 
 
 @pytest.mark.e2e
-def test_two_ray_workers_see_disjoint_shards(ray_local, tmp_path):
-    from ray import cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    # Ship this module's worker function by value: Ray's workers cannot import tests/.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    root = index_dataset(tmp_path / "index", 96, 50)
-    trainer = TorchTrainer(_record_shards, train_loop_config={"root": str(root), "out": str(tmp_path), "seed": 3},
-                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shards"))
-    trainer.fit()
+def test_two_ray_workers_see_disjoint_shards(ray_head, tmp_path):
+    root = index_dataset(tmp_path / "index", 96, 50)  # written here, before any Ray: this process forks
+    config = {"root": str(root), "out": str(tmp_path), "seed": 3}
+    # The driver is a process of its own (this one forks; a Ray driver must not), on the session's
+    # head. It ships this module's worker function by value: Ray's workers cannot import tests/.
+    driver = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import ray, test_data
+from ray import cloudpickle
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+cloudpickle.register_pickle_by_value(test_data)
+ray.init(logging_level="WARNING")
+TorchTrainer(test_data._record_shards, train_loop_config=json.loads({json.dumps(config)!r}),
+             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+             run_config=RunConfig(storage_path={str(tmp_path / "ray")!r}, name="shards")).fit()
+"""
+    done = subprocess.run([sys.executable, "-c", driver], env=ray_head, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for epoch in (0, 1):
         a, b = r0["epochs"][epoch], r1["epochs"][epoch]

@@ -204,6 +204,7 @@ def test_evaluate_rejects_bad_input_clearly(capsys, tmp_path, checkpoint):
         assert words in one_paragraph(run_cli(capsys, "raysnet.evaluate", *args)), args
 
 
+@pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
 def test_the_evaluate_command_line_itself():
     """`python -m raysnet.evaluate` as typed (the tests above call its entry point in this process)."""
     assert "unknown key 'optim.lr'" in one_paragraph(command("raysnet.evaluate", "checkpoint=/nope.pt", "optim.lr=1"))

@@ -1,4 +1,4 @@
-"""Issue 13, the part caught before Ray starts: hostile checkpoints never execute, run.name stays
+"""Hostile or broken input, caught before Ray starts: hostile checkpoints never execute, run.name stays
 inside run.storage, and a dataset or tracking URI that cannot work stops the run as one paragraph
 (exit status 2, no traceback, nothing written)."""
 
@@ -386,6 +386,7 @@ def _prepare_process(tmp_path: Path, out: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
     out = tmp_path / "out" / "ds"
@@ -419,7 +420,7 @@ def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
 # --- 5. a failure inside training: one paragraph, a FAILED run with its reason, no lock-out ----------
 
 @pytest.mark.e2e
-def test_a_failure_inside_training(tmp_path, digits):
+def test_a_failure_inside_training(tmp_path, digits, ray_head):
     """A dataset whose meta.json lists 5 classes while its files hold labels 0-9: nothing before
     Ray can see it (reading every label would cost a pass over the data); the loss fails on the
     workers. Then the corrected rerun under the same run.name is not refused."""
@@ -439,7 +440,7 @@ def test_a_failure_inside_training(tmp_path, digits):
     args = [f"data.root={data}", f"run.storage={tmp_path / 'runs'}", "run.name=labels", "arch=resnet20",
             "batch_size=64", "run.workers=1", "run.max_failures=0", "tracking.log_model=false"]
     done = subprocess.run([sys.executable, "-m", "raysnet.train", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RAY_TMPDIR": "/tmp"})
+                          env=ray_head, check=False)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
     failure = " ".join(done.stderr.split())  # the one paragraph, and nothing else: Ray's copy of the traceback left out
     assert failure.startswith("error: raysnet.train failed: IndexError: Target") and failure.count("error") == 1

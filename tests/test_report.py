@@ -66,6 +66,7 @@ def test_curves_figure_without_mlflow(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.budget(400, "the interrupted sweep of tests/sweep_helpers.py, in its set-up")
 def test_report_of_the_smoke_sweep(smoke_sweep, tmp_path):
     import mlflow
     from mlflow import MlflowClient
@@ -113,6 +114,7 @@ def test_report_of_the_smoke_sweep(smoke_sweep, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.budget(400, "the interrupted sweep of tests/sweep_helpers.py, in its set-up")
 def test_report_refuses_to_overwrite_and_names_experiments(smoke_sweep, tmp_path, capsys):
     from raysnet import cli
     from raysnet.report import run
@@ -126,5 +128,5 @@ def test_report_refuses_to_overwrite_and_names_experiments(smoke_sweep, tmp_path
     with pytest.raises(SystemExit) as missing:
         cli.main(run, ["experiment=nope", f"tracking.uri={smoke_sweep.uri}", f"out={tmp_path / 'x'}"])
     err = capsys.readouterr().err
-    assert missing.value.code == 2 and "'nope'" in err and "smoke" in err
+    assert missing.value.code == 2 and "'nope'" in err and "table6-cifar" in err
     assert not (tmp_path / "x").exists()

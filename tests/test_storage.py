@@ -110,9 +110,10 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = ["arch=resnet20", "batch_size=64", "run.workers=2", "epochs=1", "run.max_steps=4"]
 
 
-def train_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def train_cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m raysnet.train ARGS` with `env` (the session's Ray head: it connects to it)."""
     return subprocess.run([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False, env={**os.environ, "RAY_TMPDIR": "/tmp", **(env or {})})
+                          timeout=timeout, check=False, env=env)
 
 
 def _one_paragraph_exit_2(capsys, *args: str, words: tuple[str, ...]) -> None:
@@ -154,7 +155,8 @@ def test_bad_object_storage_stops_before_training_and_changes_nothing(s3, s3_dig
 
 
 @pytest.mark.e2e
-def test_a_run_reads_its_dataset_and_keeps_everything_in_the_bucket(s3, s3_digits, tmp_path):
+@pytest.mark.budget(240, "an MLflow server migrating its new store, a run logging its model into the bucket")
+def test_a_run_reads_its_dataset_and_keeps_everything_in_the_bucket(s3, s3_digits, tmp_path, ray_head):
     """data.root, run.storage and the MLflow server's artifacts all in the bucket. (Resuming from the
     bucket: tests/test_cluster.py, a stopped driver submitted again.)"""
     from servers import wait_until_up
@@ -163,6 +165,7 @@ def test_a_run_reads_its_dataset_and_keeps_everything_in_the_bucket(s3, s3_digit
 
     port = free_port()
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
+    client = {**ray_head, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", "s3://data/mlflow"],
@@ -172,8 +175,7 @@ def test_a_run_reads_its_dataset_and_keeps_everything_in_the_bucket(s3, s3_digit
         wait_until_up(uri + "/health", 180)
         args = [*FAST, "epochs=2", f"data.root={s3_digits}", "run.storage=s3://data/runs", f"tracking.uri={uri}",
                 "run.name=bucket", "tracking.log_model=true"]
-        cache = {"RAYSNET_CACHE": str(tmp_path / "cache")}
-        out = train_cli(*args, env=cache)
+        out = train_cli(*args, env=client)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         files = _listing("s3://data/runs/bucket")
         assert any(p.endswith("checkpoint.pt") for p in files) and any(p.endswith("raysnet-config.yaml") for p in files)
@@ -185,10 +187,12 @@ def test_a_run_reads_its_dataset_and_keeps_everything_in_the_bucket(s3, s3_digit
         # MLflow 3 keeps a logged model under models/<model id>/ of the experiment's artifacts.
         assert any("/models/" in p and p.endswith("MLmodel") for p in artifacts), sorted(artifacts)
         assert any(p.endswith("checkpoint/checkpoint.pt") for p in artifacts), sorted(artifacts)
-        assert (tmp_path / "cache").is_dir()  # the node's copy of the dataset
+        node_cache = Path(ray_head["RAYSNET_CACHE"]) / storage.cache_dir(s3_digits).name
+        assert (node_cache / "meta.json").is_file()  # the node's copy of the dataset
 
         before = _listing("s3://data")  # a bucket that does not take writes: stopped before training
-        out = train_cli(*FAST, f"data.root={s3_digits}", "run.storage=s3://no-such-bucket/runs", f"tracking.uri={uri}")
+        out = train_cli(*FAST, f"data.root={s3_digits}", "run.storage=s3://no-such-bucket/runs", f"tracking.uri={uri}",
+                        env=client)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
         assert "run.storage=s3://no-such-bucket/runs" in out.stderr and "\n\n" not in out.stderr.strip()
         assert _listing("s3://data") == before

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -17,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from clitools import one_paragraph, ray_started, run_cli
-from conftest import local_ray
 from servers import free_port, wait_until_up
 
 from raysnet.config import load_config
@@ -37,9 +34,10 @@ def history(uri: str, run_name: str, experiment: str = "raysnet-digits") -> dict
     return tracking.history(mlflow, runs[0].info.run_id)
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m raysnet.train ARGS` with `env` (the session's Ray head: it connects to it)."""
     return subprocess.run([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env=env, check=False)
 
 
 def step_points(uri: str, run_name: str, epochs: int, experiment: str = "raysnet-digits") -> tuple[list, list]:
@@ -57,23 +55,59 @@ def step_points(uri: str, run_name: str, epochs: int, experiment: str = "raysnet
     return got, expected
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory, digits):
-    """One finished 3-epoch run with everything on: its model registered, system metrics every second.
-    -> (run.storage, tracking uri)"""
-    from raysnet.lifecycle import run_one
+def train_workers(head_pid: int) -> list:
+    """The Ray Train worker processes of the session's Ray head."""
+    import psutil
 
+    return [p for p in psutil.Process(head_pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline()) and "train_fn" not in p.name()]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, digits, ray_head):
+    """One run, as a cluster's user runs it: `ray job submit --working-dir . -- python -m raysnet.train`
+    to the session's Ray head (token authentication on), with everything recorded: the model logged
+    and registered, system metrics every second. After its first checkpoint one training worker is
+    killed: the run restarts its workers from that checkpoint and finishes.
+    -> (run.storage, tracking uri, the submitter's output)"""
     tmp_path = tmp_path_factory.mktemp("recorded")
-    cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
-                       "tracking.log_model=true", "tracking.register=digits-e2e", "tracking.system_metrics_s=1"])
-    with local_ray():
-        assert run_one(cfg) == 0
-    return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=e2e", "epochs=3",
+            "run.max_failures=2", "tracking.log_model=true", "tracking.register=digits-e2e",
+            "tracking.system_metrics_s=1"]
+    submit = ["ray", "job", "submit", "--address", ray_head["DASHBOARD"], "--working-dir", ".", "--",
+              "python", "-m", "raysnet.train", *args]
+    for _ in range(30):  # the dashboard answers before its job agent is up
+        job = subprocess.Popen(submit, cwd=REPO, env=ray_head, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not list((tmp_path / "e2e").glob("checkpoint_*")) and time.time() < deadline \
+                    and job.poll() is None:
+                time.sleep(0.2)
+            if job.poll() is None:
+                workers = train_workers(int(ray_head["HEAD_PID"]))
+                assert workers, "no Ray Train worker process found"
+                workers[-1].kill()
+            out, err = job.communicate(timeout=600)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+        if "No available agent" not in err:
+            break
+        time.sleep(2)
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", out
+
+
+RECORDED = "the recorded scenario's set-up: Ray's job agent, a run whose killed worker restarts from its checkpoint"
 
 
 @pytest.mark.e2e
-def test_trains_and_records_in_sqlite(recorded):
-    tmp_path, uri = recorded
+@pytest.mark.budget(300, RECORDED)
+def test_a_submitted_job_survives_a_killed_worker_and_records_everything(recorded):
+    tmp_path, uri, out = recorded
+    assert "succeeded" in out and "raysnet: done" in out
+    assert "resuming" not in out  # a worker's loss is not a driver's rerun
     h = history(uri, "e2e")
     assert [s for s, _ in h["train_err"]] == [0, 1, 2]  # MLflow step = epoch index, each once
     assert all(len(v) == 3 for v in h.values())
@@ -95,7 +129,8 @@ def test_trains_and_records_in_sqlite(recorded):
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["run.name"] == "e2e"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint"} <= artifacts
-    # Issue 15: step-level curves against global iterations, each step once; the epochs' stay at step = epoch.
+    # Step-level curves against global iterations, each step once (the steps trained again after the
+    # worker's loss are not logged twice); the epochs' stay at step = epoch.
     got, expected = step_points(uri, "e2e", 3)
     assert got == expected
     # System metrics of the one node that hosts both workers: one series per metric.
@@ -127,6 +162,7 @@ def _browser():
 
 
 @pytest.mark.e2e
+@pytest.mark.budget(300, RECORDED)  # when it runs alone
 def test_the_mlflow_ui_shows_the_runs_charts_and_system_metrics(recorded):
     """The UI command raysnet prints opens on the runs table; the run's pages draw its metric charts
     (per epoch and per iteration) and its node's system metrics."""
@@ -134,7 +170,7 @@ def test_the_mlflow_ui_shows_the_runs_charts_and_system_metrics(recorded):
 
     from raysnet import tracking
 
-    _, uri = recorded
+    _, uri, _ = recorded
     mlflow = tracking.client(uri)
     run = tracking.find_run(mlflow, "raysnet-digits", tracking.RUN_NAME_TAG, "e2e")
     port = free_port()
@@ -171,9 +207,7 @@ def test_the_mlflow_ui_shows_the_runs_charts_and_system_metrics(recorded):
 
 @pytest.mark.e2e
 @pytest.mark.slow  # an MLflow server in the default suite: tests/test_storage.py and tests/test_cluster.py
-def test_records_to_an_mlflow_server(ray_local, tmp_path, digits):
-    from raysnet.lifecycle import run_one
-
+def test_records_to_an_mlflow_server(ray_head, tmp_path, digits):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -183,9 +217,9 @@ def test_records_to_an_mlflow_server(ray_local, tmp_path, digits):
     try:
         uri = f"http://127.0.0.1:{port}"
         wait_until_up(uri + "/health", 180)  # it migrates its new SQLite store first: slow on 2 busy cores
-        cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=srv",
-                           "epochs=2", f"tracking.uri={uri}"])
-        assert run_one(cfg) == 0
+        out = cli(*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=srv", "epochs=2",
+                  f"tracking.uri={uri}", env=ray_head)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         h = history(uri, "srv")
         assert [s for s, _ in h["val_err"]] == [0, 1]
     finally:
@@ -205,48 +239,15 @@ def test_unreachable_tracking_server_fails_fast(capsys, tmp_path, digits):
 
 
 @pytest.mark.e2e
-def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_local, tmp_path, digits):
-    from raysnet.lifecycle import run_one
-
-    steps = json.loads((Path(digits) / "meta.json").read_text())["splits"]["train"]["samples"] // 64
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_head, tmp_path, digits):
+    steps = 4  # run.max_steps
     # Epoch 0 trains at lr 1e30 * 1e-31 = 0.1 (warm-up); epoch 1 at 1e30 overflows.
-    cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3",
-                       "optim.lr=1e30", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31"])
-    assert run_one(cfg) == 1
+    out = cli(*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3", "optim.lr=1e30",
+              f"run.max_steps={steps}", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31", env=ray_head)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "the training loss became non-finite at epoch 2/3" in out.stderr
     ckpts = sorted((tmp_path / "nan").glob("checkpoint_*/checkpoint.pt"))
     assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["epoch"] == 0
-
-
-def _train_workers() -> list:
-    import psutil
-
-    return [p for p in psutil.Process().children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline()) and "train_fn" not in p.name()]
-
-
-@pytest.mark.e2e
-def test_survives_a_killed_worker(ray_local, tmp_path, digits):
-    """Kill one training worker after the first checkpoint: the run resumes and finishes every epoch,
-    and MLflow holds each epoch exactly once."""
-    from raysnet.lifecycle import run_one
-
-    cfg = load_config([*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=ft", "epochs=4",
-                       "run.max_failures=2"])
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", run_one(cfg)))
-    thread.start()
-    deadline = time.time() + 300
-    while not list((tmp_path / "ft").glob("checkpoint_*")) and time.time() < deadline:
-        time.sleep(0.2)
-    workers = _train_workers()
-    assert workers, "no Ray Train worker process found"
-    workers[-1].kill()
-    thread.join(600)
-    assert result.get("rc") == 0
-    h = history(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft")
-    assert [s for s, _ in h["train_loss"]] == [0, 1, 2, 3]
-    got, expected = step_points(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", 4)
-    assert got == expected  # the steps trained again after the restart are not logged twice
 
 
 def listening_sockets(pid: int) -> dict[str, set[str]]:
@@ -327,10 +328,12 @@ def check_etas(lines: list[tuple[float, str]], epochs: int) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.budget(300, "two drivers that each start a local Ray, and four epochs, for steady ETAs")
 def test_resumes_after_the_driver_is_killed(tmp_path, digits):
-    """Also: while it trains, every socket of the local run listens on loopback only (issue 13); the
-    progress lines come at their cadence within the first epoch, with ETAs that hold, and the
-    console of the rerun (the quickstart's command, resuming) has no line that says "error" (issue 15)."""
+    """The driver that starts a local Ray of its own (the quickstart's way), killed and run again.
+    Also: while it trains, every socket of the local run listens on loopback only; the progress
+    lines come at their cadence within the first epoch, with ETAs that hold; and the console of the
+    rerun (resuming) has no line that says "error"."""
     args = [*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=again", "epochs=4", "run.progress_s=1"]
     env = {**os.environ, "RAY_TMPDIR": "/tmp"}
     driver = popen(args, env)
@@ -364,8 +367,11 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
 
 @pytest.mark.e2e
 def test_gpus_a_local_machine_lacks_fail_fast(tmp_path, digits):
+    """On a local Ray (the driver's own: no RAY_ADDRESS) a request no node can ever hold is an error;
+    a cluster's autoscaler may still add GPU nodes, so there Ray waits."""
     start = time.time()
-    out = cli(*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.gpus_per_worker=1", "run.max_failures=0")
+    out = cli(*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.gpus_per_worker=1", "run.max_failures=0",
+              env={**os.environ, "RAY_TMPDIR": "/tmp"})
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "run.gpus_per_worker=1" in out.stderr and "Traceback" not in out.stderr
     assert time.time() - start < 120  # not Ray's endless wait for resources
@@ -396,43 +402,3 @@ def test_a_changed_config_does_not_resume_silently(capsys, tmp_path, digits):
     assert "epochs" in msg and "different config" in msg
     assert (tmp_path / "x" / "raysnet-config.yaml").read_text() == saved  # the run's config is untouched
     assert not ray_started()
-
-
-@pytest.mark.e2e
-def test_ray_job_submit(tmp_path, digits):
-    """`ray job submit --working-dir . -- python -m raysnet.train` against `ray start --head` on 127.0.0.1."""
-    port, dash = free_port(), free_port()
-    # Token authentication on, with a token of this test's own (not the shared ~/.ray/auth_token).
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    temp = Path("/tmp") / f"rj{port}"  # short: Ray's socket paths have a 107-byte limit
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         # Ports of our own: another Ray on this machine (the session's) holds the default agent ports.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        wait_until_up(address + "/api/version", 120)
-        for _ in range(30):  # the dashboard answers before its job agent is up
-            out = subprocess.run(
-                ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-                 "python", "-m", "raysnet.train", *FAST, "epochs=1", f"data.root={digits}",
-                 f"run.storage={tmp_path}", "run.name=job"],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in out.stderr:
-                break
-            time.sleep(2)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "succeeded" in out.stdout and "raysnet: done" in out.stdout
-        assert len(history(f"sqlite:///{tmp_path / 'mlflow.db'}", "job")["val_err"]) == 1
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)

@@ -100,6 +100,7 @@ def test_cli_rejects_a_bad_sweep_before_anything_starts(capsys, tmp_path):
     assert not ray_started()
 
 
+@pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
 def test_the_tune_command_line_itself(tmp_path):
     """`python -m raysnet.tune` as typed (the test above calls its entry point in this process)."""
     proc = command("raysnet.tune", "epochs=1", f"run.storage={tmp_path / 'out'}", timeout=120)
@@ -110,6 +111,7 @@ def test_the_tune_command_line_itself(tmp_path):
 # --- a real sweep, interrupted and resumed (tests/sweep_helpers.py) ---------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.budget(400, "the interrupted sweep of tests/sweep_helpers.py, in its set-up")
 def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
     from mlflow import MlflowClient
 
@@ -125,7 +127,7 @@ def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     tags = {r.data.tags["arch"]: r.data.tags for r in children}
     assert {k: (t["depth"], t["residual"], t["shortcut"], t["sweep"]) for k, t in tags.items()} == {
-        "plain20": ("20", "plain", "none", "smoke"), "resnet20": ("20", "residual", "A", "smoke")}
+        "plain20": ("20", "plain", "none", "table6-cifar"), "resnet20": ("20", "residual", "A", "table6-cifar")}
     for r in children:
         assert r.info.status == "FINISHED"
         assert {"train_err", "val_err", "val_err_top5", "train_loss"} <= set(r.data.metrics)
@@ -133,13 +135,14 @@ def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
     # The parent carries the sweep file and the summary, and the best trial's numbers.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} | \
         {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
-    assert {"sweep/smoke.yaml", "summary/summary.md", "summary/summary.json"} <= artifacts
+    assert {"sweep/table6-cifar.yaml", "summary/summary.md", "summary/summary.json"} <= artifacts
     best = min(r.data.metrics["val_err"] for r in children)  # two nets barely trained may tie
     assert parent.data.metrics["best.val_err"] == pytest.approx(best)
     assert parent.data.tags["best.run_name"] in {r.info.run_name for r in children if r.data.metrics["val_err"] == best}
 
 
 @pytest.mark.e2e
+@pytest.mark.budget(400, "the interrupted sweep of tests/sweep_helpers.py, in its set-up")
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(smoke_sweep):
     from mlflow import MlflowClient
     from sweep_helpers import child_runs, histories
