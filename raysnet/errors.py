@@ -95,8 +95,10 @@ def child_signals() -> None:
 def root_cause(e: BaseException) -> str:
     """`Type: message` of what went wrong. Ray wraps a worker's exception in its own, with the
     worker's traceback as text: the last `SomethingError: ...` line of that text is the cause."""
-    while e.__cause__ is not None:
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:  # some of Ray's chains loop back
         e = e.__cause__
+        seen.add(id(e))
     text = str(e).strip()
     if "Traceback (most recent call last)" in text:
         found = re.findall(r"^((?:\w+\.)*\w+(?:Error|Exception)\b.*)$", text, re.MULTILINE)

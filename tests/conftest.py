@@ -117,10 +117,9 @@ def s3(tmp_path_factory):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-# --- two workers --------------------------------------------------------------------------------
-# The suite runs on pytest-xdist's workers (`-n 2` in pyproject.toml): the quick tests are mostly one
-# busy core each, the Ray scenarios wait on start-ups a good part of the time. The tests that share
-# the session's Ray head stay on one worker (one head, scenarios in file order), and so do the
+# --- two workers ---------------------------------------------------------------------------------
+# With pytest-xdist's `-n 2` (the quick loop's command in the README), the tests that share the
+# session's Ray head stay on one worker (one head, scenarios in file order), and so do the
 # multi-node cluster's; the rest spread over both.
 
 
@@ -135,8 +134,8 @@ def pytest_collection_modifyitems(config, items):
 
 # --- time limits ----------------------------------------------------------------------------------
 # A test over its limit fails, so that the suite's time grows by decision rather than by drift. The
-# limits hold on a 2-core machine running the whole suite on two workers, where a test takes up to
-# four times as long as alone. The test's own call is held to its limit, its
+# limits hold on a 2-core machine with room to spare, also under the quick loop's two workers. The
+# test's own call is held to its limit, its
 # set-up (the session's servers, or a scenario's shared run) to the e2e limit. A test that needs
 # longer in either says so, with the reason:
 #     @pytest.mark.budget(300, "two ray job submissions and a node loss on four Ray nodes")

@@ -453,3 +453,16 @@ def test_a_failure_inside_training(tmp_path, digits, ray_head):
                                                [f"data.root={digits}"]))
     assert lifecycle.check_resume(corrected) is False  # starts afresh: nothing was trained under that name
     assert str(digits) in (tmp_path / "runs" / "labels" / "raysnet-config.yaml").read_text()
+
+
+def test_the_root_cause_of_a_chain_that_loops_back():
+    """Some of Ray's wrapped errors are their own cause, a chain with no end: the failure is still
+    one paragraph, not a driver that spins for ever."""
+    from raysnet.errors import root_cause
+
+    inner, outer = ValueError("the port is taken"), RuntimeError("ray.init failed")
+    outer.__cause__, inner.__cause__ = inner, outer
+    assert root_cause(outer) in ("ValueError: the port is taken", "RuntimeError: ray.init failed")
+    looped = OSError("itself")
+    looped.__cause__ = looped
+    assert root_cause(looped) == "OSError: itself"

@@ -327,7 +327,10 @@ def check_etas(lines: list[tuple[float, str]], epochs: int) -> None:
     assert ratios and all(0.5 <= r <= 2 for r in ratios), [(m[0], round(end - t, 1)) for t, m in steady]
 
 
+# The two tests whose drivers start a local Ray of their own never run at once: two local Rays
+# starting together on one machine compete for Ray's default ports.
 @pytest.mark.e2e
+@pytest.mark.xdist_group("local-ray")
 @pytest.mark.budget(300, "two drivers that each start a local Ray, and four epochs, for steady ETAs")
 def test_resumes_after_the_driver_is_killed(tmp_path, digits):
     """The driver that starts a local Ray of its own (the quickstart's way), killed and run again.
@@ -366,6 +369,7 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("local-ray")
 def test_gpus_a_local_machine_lacks_fail_fast(tmp_path, digits):
     """On a local Ray (the driver's own: no RAY_ADDRESS) a request no node can ever hold is an error;
     a cluster's autoscaler may still add GPU nodes, so there Ray waits."""
