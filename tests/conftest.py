@@ -118,17 +118,19 @@ def s3(tmp_path_factory):
 
 
 # --- two workers ---------------------------------------------------------------------------------
-# With pytest-xdist's `-n 2` (the quick loop's command in the README), the tests that share the
-# session's Ray head stay on one worker (one head, scenarios in file order), and so do the
-# multi-node cluster's; the rest spread over both.
+# Every run takes pytest-xdist's two workers (`-n 2` in pyproject.toml). Whatever starts Ray (the
+# session's head and its scenarios, the multi-node cluster, a driver's local Ray) stays on one of
+# them, in file order: two Ray clusters starting at once on 2 cores timed out Ray's own start-up.
+# The other worker takes the rest, so the quick loop spreads over both and, in the whole suite,
+# the in-process tests run beside the Ray scenarios instead of after them.
+
+STARTS_RAY = {"ray_head", "world"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "world" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-        elif "ray_head" in item.fixturenames:
+        if STARTS_RAY & set(item.fixturenames) or item.get_closest_marker("local_ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 
@@ -145,6 +147,7 @@ LIMIT_S = {"e2e": 150.0, "slow": 900.0, "unit": 30.0}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "budget(seconds, reason): a time limit above the default one, and why")
+    config.addinivalue_line("markers", "local_ray: its driver starts a local Ray of its own (see STARTS_RAY)")
 
 
 def _limit(item) -> tuple[float, str]:

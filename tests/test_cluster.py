@@ -264,6 +264,16 @@ def test_a_job_on_two_nodes_stopped_and_submitted_again_resumes_from_the_bucket(
         "the run's checkpoint artifacts are not in the bucket"
     assert_isolated(world)
 
+    # A bucket that does not exist: one paragraph before any training, and nothing written anywhere.
+    before = world.stores.objects()
+    command = [a if not a.startswith("run.storage=") else "run.storage=s3://no-such-bucket/runs"
+               for a in train(world, "nobucket", epochs=1)]
+    refused = world.net.run("store", [sys.executable, *command[1:]], cwd=str(REPO), env=world.stores.env,
+                            capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "run.storage=s3://no-such-bucket/runs" in refused.stderr and "\n\n" not in refused.stderr.strip()
+    assert world.stores.objects() == before
+
 
 SWEEP = """\
 name: cluster

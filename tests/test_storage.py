@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -154,48 +153,5 @@ def test_bad_object_storage_stops_before_training_and_changes_nothing(s3, s3_dig
     assert not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.e2e
-@pytest.mark.budget(240, "an MLflow server migrating its new store, a run logging its model into the bucket")
-def test_a_run_reads_its_dataset_and_keeps_everything_in_the_bucket(s3, s3_digits, tmp_path, ray_head):
-    """data.root, run.storage and the MLflow server's artifacts all in the bucket. (Resuming from the
-    bucket: tests/test_cluster.py, a stopped driver submitted again.)"""
-    from servers import wait_until_up
-
-    from raysnet import tracking
-
-    port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
-    client = {**ray_head, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", "s3://data/mlflow"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        wait_until_up(uri + "/health", 180)
-        args = [*FAST, "epochs=2", f"data.root={s3_digits}", "run.storage=s3://data/runs", f"tracking.uri={uri}",
-                "run.name=bucket", "tracking.log_model=true"]
-        out = train_cli(*args, env=client)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        files = _listing("s3://data/runs/bucket")
-        assert any(p.endswith("checkpoint.pt") for p in files) and any(p.endswith("raysnet-config.yaml") for p in files)
-        mlflow = tracking.client(uri)
-        run = tracking.find_run(mlflow, "raysnet-digits", tracking.RUN_NAME_TAG, "bucket")
-        assert run.info.status == "FINISHED"
-        assert [s for s, _ in tracking.history(mlflow, run.info.run_id)["val_err"]] == [0, 1]
-        artifacts = _listing("s3://data/mlflow")
-        # MLflow 3 keeps a logged model under models/<model id>/ of the experiment's artifacts.
-        assert any("/models/" in p and p.endswith("MLmodel") for p in artifacts), sorted(artifacts)
-        assert any(p.endswith("checkpoint/checkpoint.pt") for p in artifacts), sorted(artifacts)
-        node_cache = Path(ray_head["RAYSNET_CACHE"]) / storage.cache_dir(s3_digits).name
-        assert (node_cache / "meta.json").is_file()  # the node's copy of the dataset
-
-        before = _listing("s3://data")  # a bucket that does not take writes: stopped before training
-        out = train_cli(*FAST, f"data.root={s3_digits}", "run.storage=s3://no-such-bucket/runs", f"tracking.uri={uri}",
-                        env=client)
-        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
-        assert "run.storage=s3://no-such-bucket/runs" in out.stderr and "\n\n" not in out.stderr.strip()
-        assert _listing("s3://data") == before
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+# A run with its dataset, checkpoints and MLflow artifacts all in a bucket, and a bucket that does not
+# exist refused before training: tests/test_cluster.py, on two nodes.

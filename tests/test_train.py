@@ -242,8 +242,8 @@ def test_unreachable_tracking_server_fails_fast(capsys, tmp_path, digits):
 def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_head, tmp_path, digits):
     steps = 4  # run.max_steps
     # Epoch 0 trains at lr 1e30 * 1e-31 = 0.1 (warm-up); epoch 1 at 1e30 overflows.
-    out = cli(*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3", "optim.lr=1e30",
-              f"run.max_steps={steps}", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31", env=ray_head)
+    out = cli(*FAST, "run.workers=1", f"data.root={digits}", f"run.storage={tmp_path}", "run.name=nan", "epochs=3",
+              "optim.lr=1e30", f"run.max_steps={steps}", f"optim.warmup_iters={steps}", "optim.warmup_factor=1e-31", env=ray_head)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert "the training loss became non-finite at epoch 2/3" in out.stderr
     ckpts = sorted((tmp_path / "nan").glob("checkpoint_*/checkpoint.pt"))
@@ -327,10 +327,8 @@ def check_etas(lines: list[tuple[float, str]], epochs: int) -> None:
     assert ratios and all(0.5 <= r <= 2 for r in ratios), [(m[0], round(end - t, 1)) for t, m in steady]
 
 
-# The two tests whose drivers start a local Ray of their own never run at once: two local Rays
-# starting together on one machine compete for Ray's default ports.
 @pytest.mark.e2e
-@pytest.mark.xdist_group("local-ray")
+@pytest.mark.local_ray
 @pytest.mark.budget(300, "two drivers that each start a local Ray, and four epochs, for steady ETAs")
 def test_resumes_after_the_driver_is_killed(tmp_path, digits):
     """The driver that starts a local Ray of its own (the quickstart's way), killed and run again.
@@ -369,7 +367,7 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
 
 
 @pytest.mark.e2e
-@pytest.mark.xdist_group("local-ray")
+@pytest.mark.local_ray
 def test_gpus_a_local_machine_lacks_fail_fast(tmp_path, digits):
     """On a local Ray (the driver's own: no RAY_ADDRESS) a request no node can ever hold is an error;
     a cluster's autoscaler may still add GPU nodes, so there Ray waits."""
