@@ -127,7 +127,7 @@ def _check_meta(cfg: Config, meta: dict) -> None:
     """meta.json agrees with itself: its class count, its class list and each split's labels
     (`per_class`); the model's outputs follow the class list, the labels follow the files."""
     from raysnet.data import prepare_command
-    from raysnet.data.writer import META
+    from raysnet.data.layout import META
 
     path = f"{cfg.data.root.rstrip('/')}/{META}"
     problems = []

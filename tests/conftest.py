@@ -118,11 +118,10 @@ def s3(tmp_path_factory):
 
 
 # --- two workers ---------------------------------------------------------------------------------
-# Every run takes pytest-xdist's two workers (`-n 2` in pyproject.toml). Whatever starts Ray (the
-# session's head and its scenarios, the multi-node cluster, a driver's local Ray) stays on one of
-# them, in file order: two Ray clusters starting at once on 2 cores timed out Ray's own start-up.
-# The other worker takes the rest, so the quick loop spreads over both and, in the whole suite,
-# the in-process tests run beside the Ray scenarios instead of after them.
+# With pytest-xdist's `-n 2` (the quick loop's command in the README), whatever starts Ray (the
+# session's head and its scenarios, the multi-node cluster, a driver's local Ray) stays on one
+# worker, in file order: two Ray clusters starting at once on 2 cores timed out Ray's own start-up.
+# The rest spreads over both.
 
 STARTS_RAY = {"ray_head", "world"}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 from clitools import command, one_paragraph, run_cli
@@ -199,3 +201,20 @@ def test_flatten_gives_dotted_keys():
     expected = {f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s))}
     expected |= {f.name for f in dataclasses.fields(cfg) if f.name not in sections}
     assert set(flat) == expected
+
+
+def test_help_and_the_config_check_import_neither_torch_nor_ffcv():
+    """--help and --print-config answer at once: importing torch and FFCV (numba compiles for
+    seconds) waits until a command does real work."""
+    script = ("import runpy, sys\n"
+              "for tool, arg in (('raysnet.train', '--print-config'), ('raysnet.train', '--help'),\n"
+              "                  ('raysnet.tune', '--help'), ('raysnet.prepare', '--help'), ('raysnet.report', '--help')):\n"
+              "    sys.argv = [tool, arg]\n"
+              "    try:\n"
+              "        runpy.run_module(tool, run_name='__main__', alter_sys=True)\n"
+              "    except SystemExit as e:\n"
+              "        assert not e.code, (tool, arg, e.code)\n"
+              "print(sorted(m for m in ('torch', 'ffcv', 'numba', 'ray', 'mlflow') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

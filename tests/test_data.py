@@ -273,7 +273,7 @@ def tar_of(tree: Path, archive: Path, under: str = "") -> Path:
 
 
 @pytest.mark.parametrize("under", ["", "cifar10"])
-def test_imagefolder_archive_prepares_like_its_tree(tmp_path, under):
+def test_imagefolder_archive_prepares_like_its_tree(tmp_path, under, monkeypatch):
     """A .tar.gz of an ImageFolder tree (at its top or one folder down, as ../shared's CIFAR-10
     JPEGs are) gives the same dataset as the tree; tiny images are stored raw; nothing is left
     unpacked afterwards."""
@@ -284,11 +284,13 @@ def test_imagefolder_archive_prepares_like_its_tree(tmp_path, under):
             for i in range(n):
                 Image.fromarray(np.full((32, 32, 3), 40 * i + (c == "b") * 100, np.uint8)).save(src / split / c / f"{i}.jpg")
     archive = tar_of(src, tmp_path / "imgs.tar.gz", under)
-    before = set(Path(tempfile.gettempdir()).glob("raysnet-unpack-*"))
+    scratch = tmp_path / "tmp"  # a temporary directory of its own: tests on the other worker unpack too
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     from_tree = prepare(parse_args(["source=imagefolder", f"root={src}", f"out={tmp_path / 'tree'}", "progress=false"]))
     from_tar = prepare(parse_args(["source=imagefolder", f"root={archive}", f"out={tmp_path / 'tar'}",
                                    "progress=false"]))
-    assert set(Path(tempfile.gettempdir()).glob("raysnet-unpack-*")) == before
+    assert not list(scratch.iterdir())
     assert from_tar["write"]["storage"] == from_tree["write"]["storage"] == "raw"  # 32 px: tiny
     assert from_tar["source"]["archive"] == str(archive.resolve())
     for key in ("classes", "mean", "std"):

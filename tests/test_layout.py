@@ -8,6 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "raysnet"
 MAX_LINES = 60
+# Parsed once, when pytest imports this file, before any test runs: CPython 3.11's parser is not
+# thread-safe ("AST constructor recursion depth mismatch"), and FFCV compiles its loader pipelines
+# from ASTs in loader threads of earlier tests.
+TREES = {path: ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _modules() -> dict[str, Path]:
@@ -22,7 +26,7 @@ def _modules() -> dict[str, Path]:
 def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """The raysnet modules a file imports anywhere in it, each as the deepest module named."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(TREES[path]):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -76,8 +80,8 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_every_function_fits_on_a_screen():
     long = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+    for path, tree in TREES.items():
+        for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_LINES:

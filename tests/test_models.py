@@ -24,6 +24,13 @@ IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3
 BOTTLENECK = {50, 101, 152}
 
 
+def skeleton(name: str, **kwargs) -> nn.Module:
+    """The network on the meta device: its modules and shapes without allocating or initialising a
+    weight, for the tests that look only at its structure (fast, even for ResNet-152)."""
+    with torch.device("meta"):
+        return build_model(name, **kwargs)
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -39,7 +46,7 @@ def convs_per_block(name: str) -> int:
 
 def n_projections(name: str, shortcut: str) -> int:
     """Convs beyond the stem and the main path of each block: the 1x1 projection shortcuts."""
-    convs = sum(isinstance(m, nn.Conv2d) for m in build_model(name, shortcut=shortcut).modules())
+    convs = sum(isinstance(m, nn.Conv2d) for m in skeleton(name, shortcut=shortcut).modules())
     return convs - 1 - n_blocks(name) * convs_per_block(name)
 
 
@@ -80,7 +87,7 @@ def test_wrong_choice_raises_listing_valid_ones(kwargs, bad, choices):
 @pytest.mark.parametrize("depth, millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7),
                                              (1202, 19.4)])
 def test_cifar_parameter_counts_match_table_6(depth, millions):
-    count = n_params(build_model(f"resnet{depth}"))
+    count = n_params(skeleton(f"resnet{depth}"))
     # Table 6 prints 2 significant figures below 1M (0.27M) and 2-3 above (1.7M, 19.4M).
     digits = 2 if millions < 1 else 1
     assert round(count / 1e6, digits) == millions
@@ -89,7 +96,7 @@ def test_cifar_parameter_counts_match_table_6(depth, millions):
 @pytest.mark.parametrize("depth, count", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
                                           (101, 44_549_160), (152, 60_192_808)])
 def test_imagenet_parameter_counts_match_torchvision_exactly(depth, count):
-    assert n_params(build_model(f"resnet{depth}", shortcut="B", variant="v1.5")) == count
+    assert n_params(skeleton(f"resnet{depth}", shortcut="B", variant="v1.5")) == count
 
 
 @pytest.mark.parametrize("depth, gmacs", [(18, 1.8), (34, 3.6), (50, 3.8), (101, 7.6), (152, 11.3)])
@@ -109,7 +116,7 @@ def test_num_classes_defaults_and_override():
         if "1202" in name:
             continue
         expected = 10 if int(name.removeprefix("resnet").removeprefix("plain")) in CIFAR_DEPTHS else 1000
-        assert build_model(name).fc.out_features == expected, name
+        assert skeleton(name).fc.out_features == expected, name
     assert build_model("resnet20", num_classes=100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
     assert build_model("resnet18", num_classes=7).fc.out_features == 7
 
@@ -118,7 +125,7 @@ def test_num_classes_defaults_and_override():
 
 @pytest.mark.parametrize("depth", [20, 56, 18, 34, 50])
 def test_option_a_adds_no_parameters(depth):
-    assert n_params(build_model(f"resnet{depth}", shortcut="A")) == n_params(build_model(f"plain{depth}"))
+    assert n_params(skeleton(f"resnet{depth}", shortcut="A")) == n_params(skeleton(f"plain{depth}"))
     assert n_projections(f"resnet{depth}", "A") == 0
 
 
@@ -130,7 +137,7 @@ def test_option_a_adds_no_parameters(depth):
 def test_option_b_projects_only_where_shapes_change(name, expected):
     assert n_projections(name, "B") == expected
     # And only in the first block of a stage.
-    model = build_model(name, shortcut="B")
+    model = skeleton(name, shortcut="B")
     with_projection = {n.rsplit(".", 2)[0] for n, m in model.named_modules()
                        if isinstance(m, nn.Conv2d) and ".downsample" in n}
     assert with_projection and all(n.endswith(".0") for n in with_projection)
@@ -139,21 +146,21 @@ def test_option_b_projects_only_where_shapes_change(name, expected):
 @pytest.mark.parametrize("name", ["resnet20", "resnet34", "resnet50"])
 def test_option_c_projects_every_shortcut(name):
     assert n_projections(name, "C") == n_blocks(name)
-    assert n_params(build_model(name, shortcut="C")) > n_params(build_model(name, shortcut="B"))
+    assert n_params(skeleton(name, shortcut="C")) > n_params(skeleton(name, shortcut="B"))
 
 
 @pytest.mark.parametrize("name", ["plain20", "plain56", "plain34", "plain50"])
 @pytest.mark.parametrize("shortcut", ["A", "B", "C"])
 def test_plain_nets_have_no_shortcuts_whatever_the_option(name, shortcut):
     assert n_projections(name, shortcut) == 0
-    assert n_params(build_model(name, shortcut=shortcut)) == n_params(build_model(name))
+    assert n_params(skeleton(name, shortcut=shortcut)) == n_params(skeleton(name))
 
 
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet56", "plain56", "resnet18", "plain34",
                                   "resnet50", "plain50", "resnet152"])
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_additions_in_the_traced_graph(name, shortcut):
-    gm = fx.symbolic_trace(build_model(name, shortcut=shortcut))
+    gm = fx.symbolic_trace(skeleton(name, shortcut=shortcut))
     adds = [n for n in gm.graph.nodes if is_add(n)]
     assert len(adds) == (n_blocks(name) if name.startswith("resnet") else 0)
     for add in adds:
@@ -222,7 +229,7 @@ def test_torchvision_weights_load_strictly_and_agree(depth):
 @pytest.mark.parametrize("name, shortcut", [("resnet20", "A"), ("resnet20", "C"), ("plain20", None),
                                             ("resnet34", "B"), ("resnet50", "B"), ("resnet50", "C")])
 def test_every_conv_feeds_a_batchnorm_and_no_dropout(name, shortcut):
-    model = build_model(name, shortcut=shortcut)
+    model = skeleton(name, shortcut=shortcut)
     modules = list(model.modules())
     assert not any(isinstance(m, nn.Dropout | nn.Dropout2d) for m in modules)
     assert sum(isinstance(m, nn.Conv2d) for m in modules) == sum(isinstance(m, nn.BatchNorm2d) for m in modules)

@@ -7,11 +7,23 @@
                               channels_last=True)      # in each worker
     set_epoch(train, start_epoch)                     # when resuming
     steps_per_epoch(samples, cfg.batch_size, cfg.run.workers, cfg.run.max_steps)  # len(train), anywhere
+
+The loaders' names are imported from raysnet.data.loaders when first used: importing FFCV compiles
+numba code for seconds, which checking a dataset or a config need not wait for.
 """
 
 from raysnet.data.dataset import check_dataset, dataset_dir, ensure_dataset, local_copy, prepare_command
-from raysnet.data.loaders import make_loaders, set_epoch, steps_per_epoch
 from raysnet.data.prepare import PrepareConfig, prepare
+
+LOADERS = ("make_loaders", "set_epoch", "steps_per_epoch")
 
 __all__ = ["PrepareConfig", "check_dataset", "dataset_dir", "ensure_dataset", "local_copy", "make_loaders", "prepare",
            "prepare_command", "set_epoch", "steps_per_epoch"]
+
+
+def __getattr__(name: str):
+    if name in LOADERS:
+        from raysnet.data import loaders
+
+        return getattr(loaders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

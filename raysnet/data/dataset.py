@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
 from raysnet import storage
 from raysnet.config import DataConfig, data_root
-from raysnet.data.writer import BETON, META, META_FORMAT, out_is_free
+from raysnet.data.layout import BETON, META, META_FORMAT, out_is_free
 from raysnet.errors import UsageError
 
 FIELDS = ("image", "label")
@@ -65,6 +64,10 @@ def read_beton_header(path: Path) -> dict[str, Any]:
     Layout (FFCV 1.0.2 writer): header | field descriptors | per-sample metadata | data pages |
     allocation table (to the end of the file). Every pointer must land inside the file.
     """
+    # Here, not at the top: importing FFCV compiles numba code for seconds, which a command's --help
+    # and a config check need not wait for.
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers, get_metadata_type
+
     size = path.stat().st_size
 
     def bad(why: str) -> UsageError:

@@ -27,9 +27,9 @@ from ffcv.traversal_order import QuasiRandom
 
 from raysnet.config import DataConfig
 from raysnet.data.dataset import dataset_dir
+from raysnet.data.layout import BETON
 from raysnet.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, ColourJitter, PCALighting, PadRandomCrop,
                                      RandomFlip, ScaleCropRGBImageDecoder, TorchNormalize)
-from raysnet.data.writer import BETON
 from raysnet.errors import UsageError
 
 

@@ -40,7 +40,6 @@ from omegaconf import MISSING
 from raysnet import storage
 from raysnet.config import DataConfig, data_root
 from raysnet.data import sources
-from raysnet.data.writer import WriteSettings, staging, write_into
 from raysnet.errors import ConfigError, UsageError, ray_in_this_process
 
 SOURCES = ("imagefolder", "cifar10", "digits")
@@ -146,6 +145,8 @@ def load_source(cfg: PrepareConfig, root: Path | None = None) -> sources.Source:
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Read the source, write the dataset directory atomically, return its meta.json contents.
     `out` may be a URI (s3://...): the dataset is written locally, then uploaded, meta.json last."""
+    from raysnet.data.writer import WriteSettings, staging, write_into  # FFCV: imported when writing
+
     _validate(cfg)
     if storage.is_uri(cfg.out):
         return _prepare_remote(cfg)

@@ -150,7 +150,7 @@ def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, roo
                  rank: int, world: int, channels_last: bool) -> tuple[ResidentLoader, ResidentLoader]:
     """(train, val) on `device`; `batch_size` is per worker. Each worker decodes the whole of both
     splits (CIFAR-10: a few seconds) and keeps its own copy."""
-    from raysnet.data.writer import BETON
+    from raysnet.data.layout import BETON
 
     check(data, meta)
     mean = torch.as_tensor(meta["mean"], dtype=torch.float32, device=device)

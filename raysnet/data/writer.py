@@ -26,13 +26,10 @@ from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from tqdm import tqdm
 
 import raysnet
+from raysnet.data.layout import BETON, META, META_FORMAT, out_is_free
 from raysnet.data.sources import Source, Split
 from raysnet.errors import UsageError, child_signals, fork_context, signals_held
 from raysnet.storage import file_digests
-
-META = "meta.json"
-BETON = {"train": "train.beton", "val": "val.beton"}
-META_FORMAT = 1
 
 Storage = Literal["raw", "jpeg", "proportion", "smart"]
 WRITE_MODE = {"raw": "raw", "jpeg": "jpg", "proportion": "proportion", "smart": "smart"}  # ours -> FFCV's
@@ -174,11 +171,6 @@ def _split_meta(split: Split, classes: list[str], path: Path) -> dict[str, Any]:
             "image_size": {"height": _size_stats(split.heights), "width": _size_stats(split.widths)},
             # Set: stored whole, the shorter side at most this (as found before: image_size).
             "short_side": split.short_side}
-
-
-def out_is_free(out: Path) -> bool:
-    """An absent or empty directory may be written; anything else needs overwrite=true."""
-    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
 
 
 PARTIAL = ".{name}.partial-"  # + the writing process's id + "-" + a random suffix

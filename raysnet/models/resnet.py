@@ -8,58 +8,10 @@ torchvision state dict loads with `strict=True`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-SHORTCUTS = ("A", "B", "C")
-VARIANTS = ("v1", "v1.5")
-
-
-@dataclass(frozen=True)
-class Arch:
-    """One entry of the registry: everything that differs between named networks."""
-
-    family: str  # "imagenet" or "cifar"
-    depth: int
-    block: str  # "basic" or "bottleneck"
-    blocks: tuple[int, ...]  # blocks per stage
-    residual: bool
-
-    @property
-    def default_shortcut(self) -> str:
-        # Paper: option A for CIFAR (§4.2), B for the ImageNet nets (§4.1, Table 3).
-        return "A" if self.family == "cifar" else "B"
-
-    @property
-    def default_classes(self) -> int:
-        return 10 if self.family == "cifar" else 1000
-
-
-# Stage tables: Table 1 for ImageNet, §4.2 (n = (depth - 2) / 6) for CIFAR.
-IMAGENET_STAGES = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
-}
-CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
-
-
-def _registry() -> dict[str, Arch]:
-    archs: dict[str, Arch] = {}
-    for residual, prefix in ((True, "resnet"), (False, "plain")):
-        for depth, (block, blocks) in IMAGENET_STAGES.items():
-            archs[f"{prefix}{depth}"] = Arch("imagenet", depth, block, blocks, residual)
-        for depth in CIFAR_DEPTHS:
-            n = (depth - 2) // 6
-            archs[f"{prefix}{depth}"] = Arch("cifar", depth, "basic", (n, n, n), residual)
-    return archs
-
-
-ARCHS = _registry()
+from raysnet.models.family import SHORTCUTS, VARIANTS, Arch, check, get_arch
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -199,28 +151,14 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (N, C, H, W) -> (N, classes)
 
 
-def _check(what: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; valid choices are: {', '.join(choices)}")
-
-
-def get_arch(name: str) -> Arch:
-    _check("architecture", name, list_models())
-    return ARCHS[name]
-
-
 def build_model(name: str, num_classes: int | None = None, shortcut: str | None = None,
                 variant: str | None = None) -> nn.Module:
     """Build a named network. `shortcut` defaults to the paper's choice, `variant` to "v1"."""
     arch = get_arch(name)
     shortcut = arch.default_shortcut if shortcut is None else shortcut
     variant = "v1" if variant is None else variant
-    _check("shortcut", shortcut, SHORTCUTS)
-    _check("variant", variant, VARIANTS)
+    check("shortcut", shortcut, SHORTCUTS)
+    check("variant", variant, VARIANTS)
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     return ResNet(arch, arch.default_classes if num_classes is None else num_classes, shortcut, variant)
-
-
-def list_models() -> list[str]:
-    return list(ARCHS)
