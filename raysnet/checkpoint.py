@@ -175,19 +175,29 @@ def _plain_state(raw: dict) -> dict | None:
     return state if "fc.weight" in state else None
 
 
+def _same_network(path: Path, cfg: Config, **given: str | None) -> None:
+    """A raysnet checkpoint names its own network: arch=, shortcut= and variant= describe a plain state
+    dict, and given for a checkpoint they must agree with it rather than be silently ignored."""
+    holds = {"arch": cfg.arch, "shortcut": cfg.model.shortcut or get_arch(cfg.arch).default_shortcut,
+             "variant": cfg.model.variant or "v1"}
+    differ = [f"{k}={v} (it holds {holds[k]})" for k, v in given.items() if v is not None and v != holds[k]]
+    if differ:
+        raise UsageError(f"checkpoint '{path}' is a raysnet checkpoint of {cfg.arch} (shortcut {holds['shortcut']}, "
+                         f"variant {holds['variant']}), which names its own network; {', '.join(differ)} "
+                         "describe a plain state dict. Leave them out for a raysnet checkpoint.")
+
+
 def load_model(path: str | Path, arch: str | None = None, shortcut: str | None = None,
                variant: str | None = None) -> Loaded:
     """The model in a raysnet checkpoint (config inside), or in a plain state dict with raysnet's
     parameter names (`arch` names it; `shortcut`/`variant` default to torchvision's B and v1.5 for
     the ImageNet depths, whose names match torchvision's, and to the paper's A and v1 for CIFAR's)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"checkpoint '{path}' is not a file; pass checkpoint=PATH to a raysnet "
-                         "checkpoint.pt or a torchvision state dict (with arch=...).")
+    p = find(path)
     raw = _read(p)
     hint = ""
     if isinstance(raw, dict) and "model" in raw and "config" in raw:
         cfg, state = from_dict(raw["config"]), raw["model"]
+        _same_network(p, cfg, arch=arch, shortcut=shortcut, variant=variant)
         arch, shortcut, variant = cfg.arch, cfg.model.shortcut, cfg.model.variant
     elif (state := _plain_state(raw)) is not None:
         if not arch:

@@ -59,7 +59,7 @@ class EvalConfig:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     batch_size: int = 32
-    max_batches: Optional[int] = None  # evaluate a prefix of the validation set (smoke tests)
+    max_batches: Optional[int] = None  # evaluate a prefix of the validation set (smoke tests; never logged)
     device: str = "auto"  # auto: the first GPU if there is one, else the CPU
     log: bool = True  # log to the checkpoint's MLflow run
 
@@ -309,7 +309,10 @@ def run(args: list[str]) -> int:
         r = results[mode] = measure_error(model, cfg.data, meta, mode, ecfg, device)
         print(f"{cfg.arch} {mode:>10}: top-1 error {r['err']:.2f}%  top-5 error {r['err_top5']:.2f}%  "
               f"({r['n']} images of {cfg.data.name})")
-    if ecfg.log:
+    if ecfg.log and ecfg.max_batches is not None and run_id:
+        print(f"not logged to MLflow: max_batches={ecfg.max_batches} evaluated part of the validation set, and the "
+              "run's test_* metrics hold whole evaluations only")
+    elif ecfg.log:
         _log(run_id, cfg, results)
     return 0
 

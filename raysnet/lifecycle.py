@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -30,7 +31,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"raysnet: |epoch \d+/\d+: t
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from raysnet import checkpoint, storage, tracking  # noqa: E402
+from raysnet import checkpoint, reaper, storage, tracking  # noqa: E402
 from raysnet.config import Config, flatten, from_dict, to_dict, to_yaml  # noqa: E402
 from raysnet.errors import DEBUG_ENV, UsageError, root_cause  # noqa: E402
 
@@ -171,6 +172,19 @@ def _check_steps(cfg: Config, meta: dict) -> None:
                         "The split is empty: prepare the dataset again with training images."))
 
 
+def _check_local_workers(cfg: Config) -> None:
+    """On this machine's own Ray (RAY_ADDRESS unset) every worker is a process here with its own copy
+    of the network and its loader threads: more of them than cores only share the cores, and dozens
+    exhaust the memory before the first step. (A cluster is left to Ray: an autoscaler may add nodes.)"""
+    cores = os.cpu_count() or 1
+    if os.environ.get("RAY_ADDRESS") or cfg.run.workers <= max(2, cores):
+        return
+    raise UsageError(f"run.workers={cfg.run.workers} asks for {cfg.run.workers} training processes on this machine "
+                     f"(RAY_ADDRESS is unset: a Ray of its own), which has {cores} cores. Use at most "
+                     f"run.workers={max(2, cores)} here (batch_size stays the global batch), or submit the run to a "
+                     "cluster with ray job submit.")
+
+
 def preflight(cfg: Config) -> tuple[Config, dict, bool]:
     """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed)
     The resume check comes last: it writes the run's config, which only a run that can start may do."""
@@ -178,6 +192,8 @@ def preflight(cfg: Config) -> tuple[Config, dict, bool]:
     from raysnet.data import check_dataset, ensure_dataset
 
     _check_tracking_uri(cfg)
+    check_ray_address()
+    _check_local_workers(cfg)
     given = cfg.run.name
     cfg = finalize(cfg)
     if not given:  # made from arch and data.name; a dataset recipe may name itself anything
@@ -219,6 +235,29 @@ class _DropTokenNotice(logging.Filter):
         return not record.getMessage().startswith(TOKEN_NOTICE)
 
 
+def check_ray_address(timeout_s: float = 5.0) -> None:
+    """Something listens at RAY_ADDRESS's host:port, checked before anything is written: Ray's own
+    client retries a dead address for minutes, printing only its retry warnings. (Unset: a local
+    Ray; "auto" and other forms are left to Ray.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:  # a port that is not a number
+        host = port = None
+    if not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"RAY_ADDRESS={address} names a Ray cluster, but nothing answers at {host}:{port} "
+                         f"({e.strerror or type(e).__name__}). Start the cluster there (ray start --head), fix "
+                         "RAY_ADDRESS, or unset it to run on a Ray of this machine's own.") from None
+
+
 def connect_ray(cpus: int, bar: bool = False):
     """The cluster we were submitted to (`ray job submit` sets RAY_ADDRESS), else a local Ray with
     at least `cpus` logical CPUs (so the requested workers fit even on a small laptop). `bar`: draw
@@ -237,6 +276,7 @@ def connect_ray(cpus: int, bar: bool = False):
             # the state API without one, which picks the newest Ray on the machine (another user's, a
             # test's) when there are several, and dies with a traceback when that one does not answer.
             port = _free_port(8265)
+            reaper.start(os.getpid())  # this Ray's processes end with this one, even after a SIGKILL
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=True,
                      dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING",
                      runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
@@ -334,9 +374,9 @@ def _epoch_printer(epochs: int):
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
             if "train_err" in m:
-                print(f"epoch {m['epoch'] + 1}/{epochs}: train_err {m['train_err']:.2f}%  val_err "
-                      f"{m['val_err']:.2f}%  lr {m['lr']:.4g}  {m['images_per_sec']:.0f} images/s  "
-                      f"{m['epoch_time_s']:.1f} s", flush=True)
+                val = f"val_err {m['val_err']:.2f}%" if math.isfinite(m["val_err"]) else "not validated"
+                print(f"epoch {m['epoch'] + 1}/{epochs}: train_err {m['train_err']:.2f}%  {val}  lr {m['lr']:.4g}  "
+                      f"{m['images_per_sec']:.0f} images/s  {m['epoch_time_s']:.1f} s", flush=True)
 
     return EpochPrinter()
 

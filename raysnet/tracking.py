@@ -9,6 +9,7 @@ read them back through the look-ups here.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import subprocess
@@ -32,9 +33,9 @@ SWEEP_ID_TAG = "raysnet.sweep_id"  # on a trial's run: its sweep's identity
 TRIAL_TAG = "raysnet.trial"  # on a trial's run: its overrides as JSON
 DIVERGED_TAG = "raysnet.diverged"  # the loss became non-finite: a result of the settings, not a failure
 FAILURE_TAG = "raysnet.failure"  # why a run stopped failed: the error, or the signal that stopped it
-STOPPED_TAG = "raysnet.stopped"  # a trial stopped early by the scheduler
+STOPPED_TAG = "raysnet.stopped"  # why a run ended KILLED: the scheduler stopped it early, or a stopped sweep
 STEPS_PARAM = "steps_per_epoch"  # each run's training steps per epoch (plots against iterations)
-STATUS_STOPPED = "KILLED"  # MLflow's status for a trial the scheduler stopped early
+STATUS_STOPPED = "KILLED"  # MLflow's status for a run stopped before its end (STOPPED_TAG says why)
 # Step-level curves: rank 0's training loss and error over its last tracking.step_every
 # steps, and the lr, at MLflow step = global iteration (iterations done), for Fig. 4/6 against
 # iterations. Per-epoch METRICS keep step = epoch.
@@ -255,7 +256,10 @@ class Tracker:
             if not pending:
                 return
             now = int(1000 * time.time())
-            metrics = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in pending for k in METRICS]
+            # An epoch without validation (run.eval_every) has no val_* numbers: nothing is logged for
+            # them, rather than NaN points that break MLflow's charts.
+            metrics = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in pending for k in METRICS
+                       if math.isfinite(float(h[k]))]
             self.client.log_batch(self.run_id, metrics=metrics)
             self.logged |= {h["epoch"] for h in pending}
         except Exception as e:  # noqa: BLE001 - any tracking failure must leave the training running

@@ -31,17 +31,22 @@ class SmokeSweep:
     first_start_time: int
     first_history: dict[str, list[tuple[int, float]]]
     children_at_kill: int
+    stopped: int  # the exit status of the SIGTERMed sweep
+    stopped_output: str
+    statuses_after_stop: dict[str, str]  # run name -> MLflow status, the parent's included, once it had exited
     rerun: subprocess.CompletedProcess
 
 
-def child_runs(uri: str, experiment: str) -> list:
+def all_runs(uri: str, experiment: str) -> list:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def child_runs(uri: str, experiment: str) -> list:
+    return [r for r in all_runs(uri, experiment) if "mlflow.parentRunId" in r.data.tags]
 
 
 def histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -62,8 +67,8 @@ def tune_cli(file: Path, args: list[str], env: dict, **kw) -> subprocess.Popen |
 
 
 def interrupted_sweep(tmp: Path, digits_root: str, env: dict) -> SmokeSweep:
-    """Run the smoke sweep as `python -m raysnet.tune` on the Ray head of `env`, SIGKILL its driver
-    once its first trial's MLflow run is FINISHED (Ray ends the job's trials with it), then run the
+    """Run the smoke sweep as `python -m raysnet.tune` on the Ray head of `env`, stop it with SIGTERM
+    (as a scheduler or `timeout` does) once its first trial's MLflow run is FINISHED, then run the
     same command again to the end."""
     file = TABLE6
     storage = tmp / "out"
@@ -81,12 +86,18 @@ def interrupted_sweep(tmp: Path, digits_root: str, env: dict) -> SmokeSweep:
                     done = [r for r in child_runs(uri, experiment) if r.info.status == "FINISHED"]
             assert done, f"no trial finished before the deadline; see {tmp / 'first.log'}"
             assert first.poll() is None, "the sweep ended before it could be interrupted"
+            first.send_signal(signal.SIGTERM)  # the driver only, as `timeout` sends it
+            first.wait(120)
         finally:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait(30)
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait(30)
     run = done[0]
     children = len(child_runs(uri, experiment))
+    statuses = {r.info.run_name: r.info.status for r in all_runs(uri, experiment)}
     rerun = tune_cli(file, args, env, timeout=600)
     return SmokeSweep(file=file, args=args, storage=storage, uri=uri, experiment=experiment,
                       first_run_id=run.info.run_id, first_start_time=run.info.start_time,
-                      first_history=histories(uri, run.info.run_id), children_at_kill=children, rerun=rerun)
+                      first_history=histories(uri, run.info.run_id), children_at_kill=children,
+                      stopped=first.returncode, stopped_output=(tmp / "first.log").read_text(),
+                      statuses_after_stop=statuses, rerun=rerun)

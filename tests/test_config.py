@@ -120,6 +120,11 @@ def test_user_facing_keys_override(key, value, expected):
     ("run.workers=0", ["'run.workers'"]),
     ("run.gpus_per_worker=1.5", ["'run.gpus_per_worker'", "1.5", "fraction of one GPU"]),
     ("optim.lr=-1", ["'optim.lr'"]),
+    ("optim.lr=nan", ["'optim.lr'", "nan", "positive number"]),  # nan and inf pass comparisons...
+    ("optim.lr=inf", ["'optim.lr'", "inf", "positive number"]),
+    ("optim.momentum=nan", ["'optim.momentum'", "finite number"]),  # ...so no float key may hold them
+    ("data.pca_lighting=inf", ["'data.pca_lighting'", "finite number"]),
+    ("optim.milestones=[0.5,nan]", ["'optim.milestones'", "[0.5, nan]", "finite number"]),
     ("optim.milestones=[0.75,0.5]", ["'optim.milestones'"]),
     ("batch_size=101", ["'batch_size'", "run.workers"]),  # 101 does not split across the 2 workers...
     ("run.workers=3", ["'batch_size'", "run.workers"]),  # ...nor 64 across 3
@@ -218,3 +223,29 @@ def test_help_and_the_config_check_import_neither_torch_nor_ffcv():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_a_recipe_file_of_ones_own_reads_like_a_dataset_file(tmp_path):
+    """recipe= and data= take a YAML file the same way: its syntax error named with the line, an
+    unknown key named, and a good file (with a built-in base) used."""
+    (tmp_path / "broken.yaml").write_text("epochs: [1\n")
+    (tmp_path / "typo.yaml").write_text("epochz: 3\n")
+    (tmp_path / "mine.yaml").write_text("base: cifar-paper\nepochs: 3\n")
+    for key in ("recipe", "data"):
+        with pytest.raises(ConfigError, match=r"(?s)broken\.yaml' is not valid YAML: .*line 1, column 9"):
+            load_config([f"{key}={tmp_path / 'broken.yaml'}"])
+    with pytest.raises(ConfigError, match="unknown key 'epochz'.*Did you mean 'epochs'"):
+        load_config([f"recipe={tmp_path / 'typo.yaml'}"])
+    cfg = load_config([f"recipe={tmp_path / 'mine.yaml'}"])
+    assert cfg.epochs == 3 and cfg.optim.milestones == load_config(["recipe=cifar-paper"]).optim.milestones
+
+
+@pytest.mark.parametrize("tool", ["raysnet.train", "raysnet.tune", "raysnet.prepare", "raysnet.evaluate",
+                                  "raysnet.analyze", "raysnet.report"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_entry_point_answers_help(capsys, tool, flag):
+    """Keys (with their defaults where the tool has them) and an example, exit status 0."""
+    out = run_cli(capsys, tool, flag)
+    assert out.code == 0 and out.err == "", out.err
+    assert f"python -m {tool} " in out.out  # an example
+    assert tool == "raysnet.tune" or "Keys and defaults" in out.out

@@ -173,20 +173,25 @@ def test_a_failed_load_lists_the_keys_and_shapes_that_do_not_fit(tmp_path):
     assert "shortcut=A|B|C" in msg
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, digits) -> Path:
-    """A raysnet checkpoint of an untrained ResNet-20 over the prepared digits."""
+def save_checkpoint(folder: Path, digits: str, run_id: str = "", *args: str) -> Path:
+    """A raysnet checkpoint of an untrained ResNet-20 over the prepared digits, in `folder`."""
     from raysnet.checkpoint import save
     from raysnet.models import build_model
     from raysnet.train.worker import make_optimizer
 
-    tmp = tmp_path_factory.mktemp("eval")
-    cfg = load_config([f"data.root={digits}"])
+    cfg = load_config([f"data.root={digits}", *args])
     model = build_model("resnet20")
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save(tmp / "checkpoint.pt", model=model, optimizer=opt, scheduler=sched, epoch=0, cfg=cfg, run_id="", history=[])
-    return tmp / "checkpoint.pt"
+    folder.mkdir(parents=True, exist_ok=True)
+    save(folder / "checkpoint.pt", model=model, optimizer=opt, scheduler=sched, epoch=0, cfg=cfg, run_id=run_id,
+         history=[])
+    return folder / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, digits) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("eval"), digits)
 
 
 def test_evaluate_command_prints_every_mode(capsys, checkpoint):
@@ -199,9 +204,34 @@ def test_evaluate_command_prints_every_mode(capsys, checkpoint):
 
 
 def test_evaluate_rejects_bad_input_clearly(capsys, tmp_path, checkpoint):
-    for args, words in ((["checkpoint=/nope.pt"], "is not a file"), ([f"checkpoint={checkpoint}", "mode=5crop"], "mode"),
-                        ([f"checkpoint={checkpoint}", "optim.lr=1"], "unknown key 'optim.lr'")):
+    for args, words in ((["checkpoint=/nope.pt"], "no raysnet checkpoint at '/nope.pt'"),
+                        ([f"checkpoint={checkpoint}", "mode=5crop"], "mode"),
+                        ([f"checkpoint={checkpoint}", "optim.lr=1"], "unknown key 'optim.lr'"),
+                        # A raysnet checkpoint names its network: arch= describes a plain state dict.
+                        ([f"checkpoint={checkpoint}", "arch=resnet56"], "arch=resnet56 (it holds resnet20)"),
+                        ([f"checkpoint={checkpoint}", "shortcut=B"], "shortcut=B (it holds A)")):
         assert words in one_paragraph(run_cli(capsys, "raysnet.evaluate", *args)), args
+
+
+def test_a_run_directory_is_evaluated_and_only_a_whole_evaluation_is_logged(capsys, tmp_path, digits):
+    """checkpoint= takes what analyze takes (a file, its directory, a run directory: the latest
+    checkpoint). A partial evaluation (max_batches) never writes the run's test_* metrics in
+    MLflow; a whole one does."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoint_2026-01-01_00-00-00.000000", digits, run_id, f"tracking.uri={uri}")
+    out = run_cli(capsys, "raysnet.evaluate", f"checkpoint={run_dir}", "mode=single", "max_batches=1",
+                  "arch=resnet20")  # the checkpoint's own arch: allowed
+    assert out.code == 0, out.err
+    assert "not logged to MLflow: max_batches=1" in out.out and "(32 images of digits)" in out.out
+    assert not client.get_run(run_id).data.metrics
+    out = run_cli(capsys, "raysnet.evaluate", f"checkpoint={run_dir}", "mode=single")
+    assert out.code == 0 and f"logged to MLflow run {run_id}" in out.out, out.err
+    assert set(client.get_run(run_id).data.metrics) == {"test_single_err", "test_single_err_top5"}
 
 
 @pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process

@@ -209,6 +209,29 @@ def test_meta_json_that_contradicts_itself(capsys, tmp_path, digits, change, wor
     assert f"'{data / 'meta.json'}'" in msg and words in msg
 
 
+def test_a_ray_address_where_nothing_listens(capsys, tmp_path, digits, monkeypatch):
+    """RAY_ADDRESS naming a dead address: one paragraph within seconds (Ray's client would retry it for
+    minutes), from a run and from a sweep, nothing written."""
+    from servers import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}")
+    assert f"RAY_ADDRESS={address}" in msg and "nothing answers" in msg and "unset it" in msg
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nrecipe: digits\ngrid: {arch: [resnet20]}\n")
+    out = run_cli(capsys, "raysnet.tune", str(sweep), f"data.root={digits}", f"run.storage={tmp_path / 'sweeps'}")
+    assert f"RAY_ADDRESS={address}" in one_paragraph(out) and not (tmp_path / "sweeps").exists()
+    assert not ray_started()
+
+
+def test_more_workers_than_a_local_machine_can_run(capsys, tmp_path, digits, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cores = os.cpu_count() or 1
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", "run.workers=64")
+    assert "run.workers=64" in msg and f"has {cores} cores" in msg and "ray job submit" in msg
+
+
 def test_keep_checkpoints_below_one(capsys, tmp_path, digits):
     msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", "run.keep_checkpoints=0")
     assert "'run.keep_checkpoints'" in msg and "at least 1" in msg

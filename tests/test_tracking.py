@@ -63,6 +63,25 @@ def test_step_points_land_once_across_a_restart(store):
     again.close()
 
 
+def test_an_epoch_without_validation_logs_no_val_numbers(store, capsys):
+    """run.eval_every > 1: the epochs between validations have NaN val_* in their history; MLflow
+    gets their training numbers and nothing (no NaN point) for validation."""
+    cfg, run_id = _run(store, "every")
+    tracker = tracking.Tracker(cfg, run_id)
+    tracker.sync([{"epoch": 0, **{k: float("nan") if k.startswith("val_") else 1.0 for k in tracking.METRICS}},
+                  {"epoch": 1, **{k: 2.0 for k in tracking.METRICS}}])
+    tracker.close()
+    h = tracking.history(tracking.client(cfg.tracking.uri), run_id)
+    assert [s for s, _ in h["train_loss"]] == [0, 1] and h["val_err"] == [(1, 2.0)] and h["val_loss"] == [(1, 2.0)]
+    # And the driver's epoch line says so instead of "val_err nan%".
+    from raysnet.lifecycle import _epoch_printer
+
+    unvalidated = {"epoch": 0, "train_err": 50.0, "val_err": float("nan"), "lr": 0.1, "images_per_sec": 9.0,
+                   "epoch_time_s": 1.0}
+    _epoch_printer(3).after_report(None, [unvalidated], None)
+    assert capsys.readouterr().out == "epoch 1/3: train_err 50.00%  not validated  lr 0.1  9 images/s  1.0 s\n"
+
+
 def test_system_metrics_land_under_the_node(store):
     cfg, run_id = _run(store, "system", system_metrics_s=0.2)
     monitor = tracking.start_system_metrics(cfg, run_id, "node0", "here 127.0.0.1")

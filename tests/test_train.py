@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from clitools import one_paragraph, ray_started, run_cli
@@ -57,8 +59,6 @@ def step_points(uri: str, run_name: str, epochs: int, experiment: str = "raysnet
 
 def train_workers(head_pid: int) -> list:
     """The Ray Train worker processes of the session's Ray head."""
-    import psutil
-
     return [p for p in psutil.Process(head_pid).children(recursive=True)
             if "RayTrainWorker" in " ".join(p.cmdline()) and "train_fn" not in p.name()]
 
@@ -253,8 +253,6 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(ray_head, tmp_pa
 def listening_sockets(pid: int) -> dict[str, set[str]]:
     """Process name -> the addresses its listening TCP sockets are bound to, for `pid` and every
     process below it (a local run's Ray processes and its Ray Train workers)."""
-    import psutil
-
     root = psutil.Process(pid)
     found: dict[str, set[str]] = {}
     for proc in [root, *root.children(recursive=True)]:
@@ -304,6 +302,14 @@ class TimedLines:
         return "\n".join(line for _, line in self.lines)
 
 
+def alive(process: psutil.Process) -> bool:
+    """Running, and not a zombie (one left unreaped, here by a PID 1 that does not reap, has ended)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def popen(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "raysnet.train", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -331,8 +337,8 @@ def check_etas(lines: list[tuple[float, str]], epochs: int) -> None:
 @pytest.mark.local_ray
 @pytest.mark.budget(300, "two drivers that each start a local Ray, and four epochs, for steady ETAs")
 def test_resumes_after_the_driver_is_killed(tmp_path, digits):
-    """The driver that starts a local Ray of its own (the quickstart's way), killed and run again.
-    Also: while it trains, every socket of the local run listens on loopback only; the progress
+    """The driver that starts a local Ray of its own (the quickstart's way), killed (SIGKILL) and run
+    again; the killed driver's Ray does not outlive it. Also: while it trains, every socket of the local run listens on loopback only; the progress
     lines come at their cadence within the first epoch, with ETAs that hold; and the console of the
     rerun (resuming) has no line that says "error"."""
     args = [*FAST, f"data.root={digits}", f"run.storage={tmp_path}", "run.name=again", "epochs=4", "run.progress_s=1"]
@@ -344,10 +350,16 @@ def test_resumes_after_the_driver_is_killed(tmp_path, digits):
         while not list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt")) and time.time() < deadline:
             time.sleep(0.2)
         sockets = listening_sockets(driver.pid)  # epoch 2 is training: the process group is up
+        started = psutil.Process(driver.pid).children(recursive=True)  # its local Ray's processes
         time.sleep(1)  # let Ray register the checkpoint it just wrote
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, by process group
+        driver.kill()  # SIGKILL, the driver alone: nothing of it can stop its Ray
         driver.wait(30)
+        _, outlived = psutil.wait_procs(started, timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # whatever is left of the first run, by process group
+    # Its Ray ended with it, within seconds (raysnet.reaper): no agent re-parented to PID 1 lives on.
+    assert not [p for p in outlived if alive(p)], [(p.pid, p.name()) for p in outlived if alive(p)]
     assert any("RayTrainWorker" in name for name in sockets), sockets  # the workers, with the store and Gloo
     assert all(loopback(ip) for ips in sockets.values() for ip in ips), sockets
     first.thread.join(30)

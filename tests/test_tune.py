@@ -66,6 +66,24 @@ when: [{match: {arch: resnet56, optim.lr: [0.05]}, set: {epochs: 3}}]
         sweeps.validate(spec, ["optim.lr=0.2"])
 
 
+def test_trials_at_once_fit_the_machine_and_the_file_is_a_ceiling():
+    from raysnet.tune.runner import concurrency
+
+    # Five trials at once, each one worker of 2 CPUs and 0.2 GPU.
+    table6 = sweeps.load(REPO / "tuning/table6-cifar.yaml")[0]
+    cpu = sweeps.validate(table6, ["run.gpus_per_worker=0"])[0]
+    # A local Ray on 2 cores (its logical CPUs raised for the trials): one at a time, and why.
+    at_once, why = concurrency(table6, cpu, {"CPU": 11}, cores=2)
+    assert at_once == 1 and "not the sweep file's max_concurrent_trials=5" in why and "2 cores" in why
+    gpu = sweeps.validate(table6, [])[0]
+    assert concurrency(table6, gpu, {"CPU": 16, "GPU": 1}, cores=16) == (5, "")  # one H200 shared by five
+    assert concurrency(table6, gpu, {"CPU": 16, "GPU": 1}, cores=6)[0] == 3
+    # A cluster: the file's number stands (an autoscaler may add nodes); without one, what it holds.
+    assert concurrency(table6, cpu, {"CPU": 2}, cores=None) == (5, "")
+    two = parse("name: t\nrecipe: digits\ngrid: {arch: [plain20, resnet20]}")
+    assert concurrency(two, sweeps.validate(two, [])[0], {"CPU": 8}, cores=None) == (4, "")  # 2 workers each
+
+
 def test_run_names_are_deterministic_and_distinct():
     spec = parse("name: t\nrecipe: digits\ngrid: {arch: [plain20, resnet20]}")
     a, b = sweeps.identity(spec, ["epochs=1"]), sweeps.identity(spec, ["epochs=2"])
@@ -80,11 +98,13 @@ def test_run_names_are_deterministic_and_distinct():
     ("name: t\nrecipe: digits\ngrid: {optim.lrr: [0.1]}", ["optim.lrr", "optim.lr"]),
     ("name: t\nrecipe: digits\ngrid: {arch: [resnet21]}", ["resnet21", "resnet20"]),
     ("name: t\nrecipe: digits\ntrials: [{model.shortcut: D}]", ["model.shortcut"]),
-    ("name: t\nrecipe: nope", ["unknown recipe 'nope'"]),
+    ("name: t\nrecipe: nope\ngrid: {arch: [resnet20]}", ["unknown recipe 'nope'"]),
     ("name: t\nrecipe: digits\nmetric: accuracy", ["metric", "val_err"]),
     ("name: t\nrecipe: digits\nscheduler: {type: hyperband}", ["scheduler.type"]),
     ("name: t\nrecipe: digits\nspace: {optim.lr: {loguniform: [0, 1]}}", ["space.optim.lr"]),
     ("recipe: digits", ["name"]),
+    ("name: t\nrecipe: digits\ngrid: {}", ["varies nothing", "grid", "trials", "space"]),
+    ("name: t\nrecipe: digits\ngrid: {arch: []}", ["grid.arch", "no trials"]),
 ])
 def test_mistakes_name_the_key(text, words):
     with pytest.raises(ConfigError) as e:
@@ -143,10 +163,18 @@ def test_smoke_sweep_records_one_parent_and_a_child_per_trial(smoke_sweep):
 
 @pytest.mark.e2e
 @pytest.mark.budget(400, "the interrupted sweep of tests/sweep_helpers.py, in its set-up")
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(smoke_sweep):
+def test_a_stopped_sweep_resumes_without_rerunning_finished_trials(smoke_sweep):
+    """SIGTERM, as a scheduler or `timeout` stops it: one line, exit status 143, no MLflow run left
+    RUNNING (the parent and a trial in progress KILLED), none of Ray's stack dump; then the same
+    command resumes it."""
     from mlflow import MlflowClient
     from sweep_helpers import child_runs, histories
 
+    out = smoke_sweep.stopped_output
+    assert smoke_sweep.stopped == 143, out[-3000:]
+    assert out.count("raysnet.tune: stopped by SIGTERM") == 1 and "*** SIGTERM received" not in out, out[-3000:]
+    statuses = smoke_sweep.statuses_after_stop
+    assert "RUNNING" not in statuses.values() and list(statuses.values()).count("FINISHED") == 1, statuses
     assert smoke_sweep.rerun.returncode == 0, smoke_sweep.rerun.stdout[-3000:] + smoke_sweep.rerun.stderr[-3000:]
     assert "resuming sweep" in smoke_sweep.rerun.stdout
     children = child_runs(smoke_sweep.uri, smoke_sweep.experiment)

@@ -1,7 +1,8 @@
 """Resolve a `Config` from recipe files and `key=value` overrides (OmegaConf does the parsing).
 
 Grammar, as in Hydra's config groups:
-  recipe=NAME      picks raysnet/recipes/NAME.yaml (default: imagenet-paper for ImageNet depths, else digits)
+  recipe=NAME      picks raysnet/recipes/NAME.yaml (default: imagenet-paper for ImageNet depths, else digits),
+                   or a YAML recipe of your own (recipe=path/to/mine.yaml; its base: may name a built-in one)
   data=NAME        picks raysnet/recipes/data/NAME.yaml, or a YAML file of your own (data=path/to/mine.yaml)
   data.root=DIR    sets a field of the selected dataset recipe; likewise every other dotted key
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -78,13 +80,15 @@ def _load_yaml(path: Path, what: str) -> DictConfig:
 
 
 def _recipe(name: str, seen: tuple[str, ...] = ()) -> DictConfig:
-    """A recipe with its `base:` chain merged underneath it (child wins)."""
-    if name not in recipes():
+    """A recipe (a built-in name, or a YAML file of one's own, as for data=) with its `base:` chain
+    merged underneath it (child wins)."""
+    own = name.endswith((".yaml", ".yml")) or Path(name).expanduser().is_file()
+    if not own and name not in recipes():
         raise ConfigError(f"unknown recipe '{name}'; valid recipes are: {', '.join(recipes())} "
-                          f"(files in {RECIPES}).")
+                          f"(files in {RECIPES}), or the path of a YAML recipe of your own.")
     if name in seen:
         raise ConfigError(f"recipe '{name}' inherits from itself through 'base:' ({' -> '.join(seen + (name,))}).")
-    node = _load_yaml(RECIPES / f"{name}.yaml", "recipe")
+    node = _load_yaml(Path(name).expanduser() if own else RECIPES / f"{name}.yaml", "recipe")
     base = node.pop("base", None)
     return OmegaConf.merge(_recipe(base, seen + (name,)), node) if base else node
 
@@ -267,8 +271,9 @@ def validate(cfg: Config) -> None:
     if cfg.batch_size % cfg.run.workers:
         raise ConfigError(f"bad value for 'batch_size': {cfg.batch_size} is the global batch and must divide "
                           f"evenly across run.workers={cfg.run.workers} workers.")
-    if cfg.optim.lr <= 0:
+    if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"bad value for 'optim.lr': {cfg.optim.lr}. Expected a positive number.")
+    _check_finite(cfg)
     if not all(0 < m < 1 for m in cfg.optim.milestones) or list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"bad value for 'optim.milestones': {list(cfg.optim.milestones)}. Expected increasing "
                           "fractions of the run between 0 and 1, e.g. [0.5,0.75] for the paper's CIFAR steps.")
@@ -284,6 +289,15 @@ def validate(cfg: Config) -> None:
                           "(e.g. 0.2, five workers sharing it) or a whole number of GPUs.")
     check_run_name(cfg.run.name)
     _validate_watching(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
+    """nan passes every comparison above, and inf most of them: no float key may hold either."""
+    for key, value in flatten(cfg).items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"bad value for '{key}': {list(values) if len(values) > 1 else value}. Expected a "
+                              "finite number.")
 
 
 def _validate_watching(cfg: Config) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from raysnet import lifecycle, storage, tracking
 from raysnet.config import Config
+from raysnet.errors import Stopped
 from raysnet.tables import fmt, markdown_table
 from raysnet.tune import spec as sweeps
 from raysnet.tune.spec import Sweep
@@ -208,16 +209,29 @@ def summarize(mlflow, experiment_id: str, parent_run_id: str, spec: Sweep, out_d
 
 # --- the sweep ---------------------------------------------------------------------------------
 
-def _concurrency(spec: Sweep, cfg: Config, ray) -> int:
-    """The sweep file's max_concurrent_trials, else as many trials as the cluster's CPUs (GPUs) hold."""
-    if spec.max_concurrent_trials:
-        return spec.max_concurrent_trials
-    resources = ray.cluster_resources()
-    fit = int(resources.get("CPU", 1) // (cfg.run.workers * cfg.run.cpus_per_worker))
-    gpus = lifecycle.gpus_per_worker(cfg)
+def concurrency(spec: Sweep, cfg: Config, resources: dict[str, float], cores: int | None) -> tuple[int, str]:
+    """How many trials run at once: as many as the resources hold, the sweep file's
+    max_concurrent_trials being a ceiling. `cores`: a local Ray's machine (its logical CPUs are
+    raised so that one trial fits even on a small laptop, so they say nothing of what runs well);
+    None on a cluster, which is judged by its resources. -> (trials at a time, a line saying why
+    when fewer than the file asks for, else "")"""
+    per_trial = cfg.run.workers * cfg.run.cpus_per_worker
+    cpus = cores if cores is not None else resources.get("CPU", 1)
+    fit = int(cpus // per_trial)
+    gpus = cfg.run.gpus_per_worker  # None: one each where there are GPUs (lifecycle.gpus_per_worker)
+    gpus = (1 if resources.get("GPU", 0) > 0 else 0) if gpus is None else gpus
     if gpus:  # fractional shares: 1 GPU / 0.2 is five trials (not 1 // 0.2, which is 4.0 in floats)
         fit = min(fit, math.floor(resources.get("GPU", 0) / (cfg.run.workers * gpus) + 1e-6))
-    return max(1, fit)
+    fit = max(1, fit)
+    asked = spec.max_concurrent_trials
+    if cores is None and asked:  # a cluster may grow (autoscaling): the file's number stands
+        return asked, ""
+    if asked is None or asked <= fit:
+        return asked or fit, ""
+    held = f"{cores} cores" + (f" and {resources.get('GPU', 0):g} GPU(s)" if gpus else "")
+    return fit, (f"raysnet: {fit} trial(s) at a time, not the sweep file's max_concurrent_trials={asked}: this "
+                 f"machine's {held} hold {fit} trial(s) of {cfg.run.workers} worker(s) x {cfg.run.cpus_per_worker} "
+                 "CPU(s); more at once would only share the same cores.")
 
 
 def prepare_sweep(path: str, cli: list[str], sweep_overrides: list[str]) -> tuple[Sweep, str, list[Config], Config]:
@@ -228,11 +242,39 @@ def prepare_sweep(path: str, cli: list[str], sweep_overrides: list[str]) -> tupl
 
     spec, text = sweeps.load(path, sweep_overrides)
     configs = sweeps.validate(spec, cli)  # every trial resolves, or nothing starts
+    lifecycle.check_ray_address()
     base = lifecycle.finalize(configs[0])
     tracking.check_reachable(base.tracking.uri)
     for data in {c.data for c in configs}:
         ensure_dataset(data)
     return spec, text, configs, base
+
+
+def _stop_like_ctrl_c_on_sigterm() -> list[int]:
+    """SIGTERM (a scheduler's stop, `timeout`) ends the sweep the way Ctrl-C does in Ray Tune: the
+    running trials stopped, the sweep's state saved for a rerun. Installed after ray.init, which gave
+    this process Ray's own handler (a C++ stack dump, the sweep's MLflow runs left RUNNING).
+    -> the SIGTERMs received, filled in by the handler"""
+    import signal
+
+    received: list[int] = []
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)  # Tune's graceful stop, from its own SIGINT handler
+
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def close_stopped(mlflow, experiment_id: str, parent_run_id: str, why: str) -> None:
+    """A stopped sweep leaves no MLflow run RUNNING: its running trials and itself end KILLED, with why."""
+    for run in tracking.all_runs(mlflow, experiment_id, parent_run_id):
+        if run.info.status == "RUNNING":
+            mlflow.set_tag(run.info.run_id, tracking.STOPPED_TAG, why)
+            mlflow.set_terminated(run.info.run_id, status=tracking.STATUS_STOPPED)
+    mlflow.set_tag(parent_run_id, tracking.STOPPED_TAG, why)
+    mlflow.set_terminated(parent_run_id, status=tracking.STATUS_STOPPED)
 
 
 def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str, ...] = ()) -> int:
@@ -242,9 +284,12 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
     # A local path (finalize made it absolute) or a URI (s3://...): joined as text, never as a Path.
     sweep_dir = f"{base.run.storage.rstrip('/')}/sweeps/{sweep_id}"
     experiment = configs[0].tracking.experiment or spec.experiment or spec.name
-    # Enough logical CPUs for the concurrent trials' workers, even on a small laptop (as a run does).
-    ray = lifecycle.connect_ray((spec.max_concurrent_trials or 1) * base.run.workers * base.run.cpus_per_worker + 1)
-    concurrency = _concurrency(spec, base, ray)
+    # Enough logical CPUs for one trial's workers, even on a small laptop (as a run does).
+    ray = lifecycle.connect_ray(base.run.workers * base.run.cpus_per_worker + 1)
+    local = not os.environ.get("RAY_ADDRESS")
+    at_once, why = concurrency(spec, base, ray.cluster_resources(), (os.cpu_count() or 1) if local else None)
+    if why:
+        print(why, flush=True)
 
     mlflow = tracking.client(base.tracking.uri)
     exp_id = tracking.experiment_id(mlflow, experiment, base.run.storage, base.tracking.uri)
@@ -253,9 +298,13 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
     ctx = Context(spec=spec, cli=list(cli), sweep_id=sweep_id, parent_run_id=parent, storage=sweep_dir,
                   uri=base.tracking.uri, experiment=experiment, cwd=os.getcwd())
     print(f"raysnet: {'resuming' if resumed else 'starting'} sweep {sweep_id}: {n_trials} trial(s), "
-          f"{concurrency} at a time, {spec.scheduler.type} scheduler on {spec.metric} ({spec.mode}); "
+          f"{at_once} at a time, {spec.scheduler.type} scheduler on {spec.metric} ({spec.mode}); "
           f"MLflow experiment {experiment}, parent run {parent}", flush=True)
-    results = _tuner(spec, ctx, sweep_dir, concurrency, base.epochs).fit()
+    stops = _stop_like_ctrl_c_on_sigterm()
+    results = _tuner(spec, ctx, sweep_dir, at_once, base.epochs).fit()
+    if stops:
+        close_stopped(mlflow, exp_id, parent, "stopped by SIGTERM; the same command resumes the sweep")
+        raise Stopped()  # one line, exit status 143 (raysnet.cli)
 
     rows, table = summarize(mlflow, exp_id, parent, spec, f"{sweep_dir}/summary")
     errors = [str(e).splitlines()[0] for e in results.errors] if results.errors else []

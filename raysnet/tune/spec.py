@@ -136,6 +136,10 @@ def _check(spec: Sweep, where: str) -> None:
     if spec.max_concurrent_trials is not None and spec.max_concurrent_trials < 1:
         raise ConfigError(f"bad value for 'max_concurrent_trials' in {where}: {spec.max_concurrent_trials}. "
                           "Expected 1 or more, or null for as many as the cluster holds.")
+    if not (spec.grid or spec.trials or spec.space):
+        raise ConfigError(f"{where} varies nothing: its 'grid', 'trials' and 'space' are all empty, which would run "
+                          "one trial of the base config. Give at least one of them (e.g. grid: {arch: [plain20, "
+                          "resnet20]}); a single run is python -m raysnet.train.")
     for key, values in spec.grid.items():
         if not values:
             raise ConfigError(f"bad value for 'grid.{key}' in {where}: an empty list leaves no trials.")
