@@ -422,7 +422,9 @@ def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
     proc = _prepare_process(tmp_path, out)
     try:
         deadline = time.time() + 120
-        while not list((tmp_path / "out").glob(".ds.partial-[!9]*-*[!y]")) and time.time() < deadline:
+        # Its own staging directory, by its pid (a pattern that left out the stale one's leading 9
+        # never matched a prepare whose pid began with 9: it ran to the end unsignalled).
+        while not list((tmp_path / "out").glob(f".ds.partial-{proc.pid}-*")) and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(1.5)  # decoding or writing, with its processes running
         if how == "SIGTERM":
