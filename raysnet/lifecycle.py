@@ -177,7 +177,7 @@ def _check_local_workers(cfg: Config) -> None:
     of the network and its loader threads: more of them than cores only share the cores, and dozens
     exhaust the memory before the first step. (A cluster is left to Ray: an autoscaler may add nodes.)"""
     cores = os.cpu_count() or 1
-    if os.environ.get("RAY_ADDRESS") or cfg.run.workers <= max(2, cores):
+    if not local_ray() or cfg.run.workers <= max(2, cores):
         return
     raise UsageError(f"run.workers={cfg.run.workers} asks for {cfg.run.workers} training processes on this machine "
                      f"(RAY_ADDRESS is unset: a Ray of its own), which has {cores} cores. Use at most "
@@ -235,6 +235,12 @@ class _DropTokenNotice(logging.Filter):
         return not record.getMessage().startswith(TOKEN_NOTICE)
 
 
+def local_ray() -> bool:
+    """Whether a run starts a Ray of this machine's own: no cluster named (`ray job submit` and a
+    cluster's user set RAY_ADDRESS), so no autoscaler will add what this machine lacks."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
 def check_ray_address(timeout_s: float = 5.0) -> None:
     """Something listens at RAY_ADDRESS's host:port, checked before anything is written: Ray's own
     client retries a dead address for minutes, printing only its retry warnings. (Unset: a local
@@ -267,7 +273,7 @@ def connect_ray(cpus: int, bar: bool = False):
     if not ray.is_initialized():
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DropTokenNotice())
         start = time.perf_counter()
-        if os.environ.get("RAY_ADDRESS"):
+        if not local_ray():
             ray.init(logging_level="WARNING")
             where = f"connected to the Ray cluster at {os.environ['RAY_ADDRESS']}"
         else:
@@ -346,7 +352,7 @@ def gpus_per_worker(cfg: Config) -> float:
     if cfg.run.gpus_per_worker is None:
         return 1 if available > 0 else 0
     need = cfg.run.workers * cfg.run.gpus_per_worker
-    if need > available and not os.environ.get("RAY_ADDRESS"):
+    if need > available and local_ray():
         raise UsageError(f"run.gpus_per_worker={cfg.run.gpus_per_worker} with run.workers={cfg.run.workers} asks "
                          f"for {need} GPU(s), but this machine has {available:g}. Pass run.gpus_per_worker=0 to "
                          "train on CPUs, fewer run.workers, or submit to a cluster with GPUs (`ray job submit`).")

@@ -286,8 +286,8 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
     experiment = configs[0].tracking.experiment or spec.experiment or spec.name
     # Enough logical CPUs for one trial's workers, even on a small laptop (as a run does).
     ray = lifecycle.connect_ray(base.run.workers * base.run.cpus_per_worker + 1)
-    local = not os.environ.get("RAY_ADDRESS")
-    at_once, why = concurrency(spec, base, ray.cluster_resources(), (os.cpu_count() or 1) if local else None)
+    cores = (os.cpu_count() or 1) if lifecycle.local_ray() else None
+    at_once, why = concurrency(spec, base, ray.cluster_resources(), cores)
     if why:
         print(why, flush=True)
 
