@@ -134,6 +134,7 @@ class WholeImages:
     """
 
     def __init__(self, path: Path):
+        import raysnet.data.ffcv_import  # noqa: F401
         from ffcv.reader import Reader
 
         reader = Reader(str(path))
@@ -189,6 +190,7 @@ def whole_image_batches(data: DataConfig, norm: tuple[list[float], list[float]],
 
 def loader(data: DataConfig, meta: dict, batch_size: int, max_batches: int | None = None):
     """FFCV's loader of the recipe's single validation view, as training validates."""
+    import raysnet.data.ffcv_import  # noqa: F401
     from ffcv.loader import Loader, OrderOption
 
     from raysnet.data.dataset import dataset_dir

@@ -172,7 +172,8 @@ def _git_revision() -> str:
 
 def run_tags(cfg: Config, hardware: str) -> dict[str, str]:
     """What the MLflow UI groups and compares by."""
-    import ffcv
+    from importlib.metadata import version
+
     import ray
     import torch
 
@@ -186,7 +187,7 @@ def run_tags(cfg: Config, hardware: str) -> dict[str, str]:
         "variant": (cfg.model.variant or "v1") if block_stride else "n/a",
         "dataset": cfg.data.name, "recipe": cfg.recipe, "git_revision": _git_revision(),
         "ray_version": ray.__version__, "torch_version": torch.__version__,
-        "ffcv_version": getattr(ffcv, "__version__", "1.0.2"), "hardware": hardware,
+        "ffcv_version": version("ffcv"), "hardware": hardware,
         "python": platform.python_version(),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import raysnet.data.ffcv_import  # noqa: F401  (before any ffcv import: see there)
 from ffcv.pipeline.compiler import Compiler
 
 from raysnet.config import ConfigError, DataConfig, from_dict, load_config, to_dict

@@ -88,6 +88,17 @@ def index_dataset(out: Path, n_train: int, n_val: int) -> Path:
 # --- prepare -> load round trips -------------------------------------------------------------
 
 
+def test_ffcv_is_imported_with_its_image_modes_as_a_plain_dict():
+    """raysnet.data.ffcv_import: FFCV's table of image modes holds its two entries, and numba's
+    typed Dict is numba's again once FFCV is imported (a process of its own: this one has FFCV)."""
+    script = ("import raysnet.data.loaders, numba.typed, numba.typed.typeddict\n"
+              "from ffcv.fields import rgb_image\n"
+              "print(type(rgb_image.IMAGE_MODES).__name__, sorted(rgb_image.IMAGE_MODES.items()),\n"
+              "      numba.typed.Dict is numba.typed.typeddict.Dict)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "dict [('jpg', 0), ('raw', 1)] True", done.stdout + done.stderr
+
+
 def test_digits_round_trip(digits, capsys):
     meta = check_dataset(DataConfig(name="digits", root=str(digits)), num_classes=10)
     (train_x, train_y), (val_x, val_y) = digits_arrays()

@@ -64,8 +64,9 @@ def read_beton_header(path: Path) -> dict[str, Any]:
     Layout (FFCV 1.0.2 writer): header | field descriptors | per-sample metadata | data pages |
     allocation table (to the end of the file). Every pointer must land inside the file.
     """
-    # Here, not at the top: importing FFCV compiles numba code for seconds, which a command's --help
-    # and a config check need not wait for.
+    # Here, not at the top: importing FFCV (with torch) takes seconds, which a command's --help and a
+    # config check need not wait for.
+    import raysnet.data.ffcv_import  # noqa: F401
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
     size = path.stat().st_size

@@ -51,6 +51,7 @@ def check(data: DataConfig, meta: dict[str, Any]) -> None:
 
 def decode_split(path: str, samples: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a .beton, in file order, as (uint8 N x H x W x 3, int64 N) on the CPU."""
+    import raysnet.data.ffcv_import  # noqa: F401
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption

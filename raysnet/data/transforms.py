@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import raysnet.data.ffcv_import  # noqa: F401  (before any ffcv import: see there)
 from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler

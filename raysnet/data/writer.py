@@ -21,6 +21,7 @@ from queue import Empty
 from typing import Any, Literal
 
 import numpy as np
+import raysnet.data.ffcv_import  # noqa: F401  (before any ffcv import: see there)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from tqdm import tqdm
