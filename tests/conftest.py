@@ -59,8 +59,8 @@ def ray_head(tmp_path_factory, s3):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(10)
-        except subprocess.TimeoutExpired:  # its graceful stop waits on every worker: not needed here
+            head.wait(3)
+        except subprocess.TimeoutExpired:  # its graceful stop waits 10 s and more on its workers: not needed here
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(30)
         shutil.rmtree(temp, ignore_errors=True)

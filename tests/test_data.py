@@ -522,15 +522,17 @@ def test_steps_per_epoch_across_workers_follows_ffcvs_sampler(samples):
                 assert steps_per_epoch(samples, per_worker * workers, workers, 2) == min(2, steps)
 
 
-# --- sharding across two Ray Train workers ---------------------------------------------------
+# --- sharding across two training processes ---------------------------------------------------
 
 
-def _record_shards(config: dict) -> None:
-    """Ray Train worker: which samples this rank sees, epoch by epoch, and with a fresh loader."""
-    import ray.train
+def _record_shards(rank: int, config: dict) -> None:
+    """One of two training processes in a gloo group, as Ray Train's workers are: which samples
+    this rank sees, epoch by epoch, and with a fresh loader."""
+    import torch.distributed as dist
 
     from raysnet.data import check_dataset, make_loaders, set_epoch
 
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{config['port']}", rank=rank, world_size=2)
     data = DataConfig(name="index", root=config["root"], train_aug="cifar", pad=0, crop=8, flip=False,
                       loader_workers=1)
     meta = {**check_dataset(data), **IDENTITY}
@@ -548,31 +550,20 @@ def _record_shards(config: dict) -> None:
     record["same_seed"] = seen(again)
     set_epoch(again, 1)
     record["resumed_epoch1"] = seen(again)
-    rank = ray.train.get_context().get_world_rank()
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
 
 
 @pytest.mark.e2e
-def test_two_ray_workers_see_disjoint_shards(ray_head, tmp_path):
-    root = index_dataset(tmp_path / "index", 96, 50)  # written here, before any Ray: this process forks
-    config = {"root": str(root), "out": str(tmp_path), "seed": 3}
-    # The driver is a process of its own (this one forks; a Ray driver must not), on the session's
-    # head. It ships this module's worker function by value: Ray's workers cannot import tests/.
-    driver = f"""
-import json, sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-import ray, test_data
-from ray import cloudpickle
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-cloudpickle.register_pickle_by_value(test_data)
-ray.init(logging_level="WARNING")
-TorchTrainer(test_data._record_shards, train_loop_config=json.loads({json.dumps(config)!r}),
-             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-             run_config=RunConfig(storage_path={str(tmp_path / "ray")!r}, name="shards")).fit()
-"""
-    done = subprocess.run([sys.executable, "-c", driver], env=ray_head, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_two_workers_see_disjoint_shards(tmp_path):
+    """Two processes in one gloo group (what Ray Train gives its workers; the cluster's 2-worker
+    runs in tests/test_cluster.py train that way across nodes), each with its loaders."""
+    import torch.multiprocessing as mp
+    from servers import free_port
+
+    root = index_dataset(tmp_path / "index", 96, 50)
+    config = {"root": str(root), "out": str(tmp_path), "seed": 3, "port": free_port()}
+    mp.spawn(_record_shards, args=(config,), nprocs=2, join=True)  # spawn, not fork
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for epoch in (0, 1):
         a, b = r0["epochs"][epoch], r1["epochs"][epoch]

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torchvision
@@ -422,11 +423,11 @@ def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
     proc = _prepare_process(tmp_path, out)
     try:
         deadline = time.time() + 120
-        # Its own staging directory, by its pid (a pattern that left out the stale one's leading 9
-        # never matched a prepare whose pid began with 9: it ran to the end unsignalled).
-        while not list((tmp_path / "out").glob(f".ds.partial-{proc.pid}-*")) and time.time() < deadline:
+        # Its own staging directory (by its pid), and the processes it forked to decode or write:
+        # stopped in the middle of the work, not before or after it.
+        while time.time() < deadline and not (list((tmp_path / "out").glob(f".ds.partial-{proc.pid}-*"))
+                                              and psutil.Process(proc.pid).children()):
             time.sleep(0.05)
-        time.sleep(1.5)  # decoding or writing, with its processes running
         if how == "SIGTERM":
             proc.terminate()  # `kill PID`: the main process only
         else:
