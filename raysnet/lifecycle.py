@@ -189,6 +189,21 @@ def _check_local_workers(cfg: Config) -> None:
                      "cluster with ray job submit.")
 
 
+def _check_local_gpus(cfg: Config) -> None:
+    """On this machine's own Ray the GPUs are this machine's (those torch sees, as Ray's workers
+    will): a request it can never hold is an error before Ray starts, not a wait without end. A
+    cluster we were submitted to may still be scaling up, so there Ray waits."""
+    if not local_ray() or not cfg.run.gpus_per_worker:
+        return
+    import torch
+
+    available, need = torch.cuda.device_count(), cfg.run.workers * cfg.run.gpus_per_worker
+    if need > available:
+        raise UsageError(f"run.gpus_per_worker={cfg.run.gpus_per_worker} with run.workers={cfg.run.workers} asks "
+                         f"for {need:g} GPU(s), but this machine has {available}. Pass run.gpus_per_worker=0 to "
+                         "train on CPUs, fewer run.workers, or submit to a cluster with GPUs (`ray job submit`).")
+
+
 def preflight(cfg: Config) -> tuple[Config, dict, bool]:
     """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed)
     The resume check comes last: it writes the run's config, which only a run that can start may do."""
@@ -198,6 +213,7 @@ def preflight(cfg: Config) -> tuple[Config, dict, bool]:
     _check_tracking_uri(cfg)
     check_ray_address()
     _check_local_workers(cfg)
+    _check_local_gpus(cfg)
     given = cfg.run.name
     cfg = finalize(cfg)
     if not given:  # made from arch and data.name; a dataset recipe may name itself anything
@@ -347,19 +363,12 @@ def _free_port(preferred: int) -> int:
 
 
 def gpus_per_worker(cfg: Config) -> float:
-    """run.gpus_per_worker, else 1 when the cluster has GPUs. A local Ray (one this process
-    started, no autoscaler behind it) that can never hold the request is an error now, not a
-    wait without end; a cluster we were submitted to may still be scaling up, so Ray waits there."""
+    """run.gpus_per_worker, else 1 when the cluster has GPUs (a request a local machine can never
+    hold was refused in the preflight: `_check_local_gpus`)."""
     import ray
 
-    available = ray.cluster_resources().get("GPU", 0)
     if cfg.run.gpus_per_worker is None:
-        return 1 if available > 0 else 0
-    need = cfg.run.workers * cfg.run.gpus_per_worker
-    if need > available and local_ray():
-        raise UsageError(f"run.gpus_per_worker={cfg.run.gpus_per_worker} with run.workers={cfg.run.workers} asks "
-                         f"for {need} GPU(s), but this machine has {available:g}. Pass run.gpus_per_worker=0 to "
-                         "train on CPUs, fewer run.workers, or submit to a cluster with GPUs (`ray job submit`).")
+        return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     return cfg.run.gpus_per_worker
 
 

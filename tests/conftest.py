@@ -118,19 +118,34 @@ def s3(tmp_path_factory):
 
 
 # --- two workers ---------------------------------------------------------------------------------
-# With pytest-xdist's `-n 2` (the quick loop's command in the README), whatever starts Ray (the
-# session's head and its scenarios, the multi-node cluster, a driver's local Ray) stays on one
-# worker, in file order: two Ray clusters starting at once on 2 cores timed out Ray's own start-up.
-# The rest spreads over both.
+# Every run takes two pytest-xdist workers (`-n 2` in pyproject.toml): the in-process tests use one
+# core each, so two of them run side by side. Whatever starts Ray (the session's head and its
+# scenarios, the multi-node cluster, a driver's local Ray) stays on one worker, one test after
+# another, and comes after every in-process test: Ray's processes keep both cores busy, and beside
+# a worker of in-process tests Ray's node start-up (a fixed 30 s for the raylet to register) timed
+# out. So the order is: the in-process tests on both workers; then Ray's tests on one worker (the
+# head's first, the multi-node cluster last), while the other runs the end-to-end tests that start
+# no Ray (commands, prepares, spawned processes).
 
 STARTS_RAY = {"ray_head", "world"}
+
+
+def _starts_ray(item) -> bool:
+    return bool(STARTS_RAY & set(item.fixturenames) or item.get_closest_marker("local_ray"))
+
+
+def _phase(item) -> int:
+    if _starts_ray(item):
+        return 2 if "world" in item.fixturenames else 1
+    return 3 if item.get_closest_marker("e2e") else 0
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if STARTS_RAY & set(item.fixturenames) or item.get_closest_marker("local_ray"):
+        if _starts_ray(item):
             item.add_marker(pytest.mark.xdist_group("ray"))
+    items[:] = sorted(items, key=_phase)  # stable: each file's tests keep their order
 
 
 # --- time limits ----------------------------------------------------------------------------------

@@ -277,7 +277,7 @@ def test_a_job_loses_a_node_is_stopped_and_submitted_again_and_finishes_from_the
     Then the job is stopped (`ray job stop`) and the same command submitted again resumes from the
     bucket and finishes, recording one MLflow run with each epoch once."""
     world.cluster.add_node()  # three 1-CPU nodes: the two left after the loss can take the two workers
-    epochs = 6
+    epochs = 5
     command = train(world, "submit", epochs=epochs, log_model=True) + ["tracking.system_metrics_s=1"]
     job = world.cluster.submit(command, cwd=str(REPO), name="submit-1")
     first = wait_checkpointed(world, job, "submit", 1)
