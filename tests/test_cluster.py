@@ -219,8 +219,8 @@ SWEEP = """\
 name: cluster
 description: two trials side by side on two nodes, a test's sweep
 recipe: digits
-overrides: {run.workers: 1, batch_size: 64, run.max_steps: 6, tracking.log_model: false}
-trials: [{arch: plain20, epochs: 1}, {arch: resnet20, epochs: 8}]
+overrides: {run.workers: 1, batch_size: 64, run.max_steps: 12, tracking.log_model: false}
+trials: [{arch: plain20, epochs: 1}, {arch: resnet20, epochs: 6}]
 max_concurrent_trials: 2
 """
 
@@ -265,7 +265,7 @@ def test_a_sweep_job_spreads_its_trials_and_resumes_without_rerunning_finished_o
     client = world.stores.client()
     steps = {arch: sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_err"))
              for arch, run in after.items()}
-    assert steps == {"plain20": [0], "resnet20": list(range(8))}, steps  # nothing trained or logged twice
+    assert steps == {"plain20": [0], "resnet20": list(range(6))}, steps  # nothing trained or logged twice
     state = world.stores.objects(f"{RUNS}/sweeps/")
     assert any("/tune/" in key for key in state) and any(key.endswith("/summary/summary.md") for key in state), state
 
