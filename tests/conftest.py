@@ -84,6 +84,24 @@ def digits(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory) -> Path:
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the tables
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, _empty_mlflow_db) -> str:
+    """The URI of a fresh SQLite MLflow store of this test's own: a copy of one made once per
+    session (MLflow creating and migrating its tables takes 2-3 s each time)."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_db, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory, digits, ray_head):
     """plain20 vs resnet20 on digits through `python -m raysnet.tune`, killed after its first trial
     and run again to the end (see tests/sweep_helpers.py)."""

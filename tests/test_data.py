@@ -21,7 +21,7 @@ from raysnet.cli import UsageError
 from raysnet.config import ConfigError, DataConfig
 from raysnet.data import check_dataset, ensure_dataset, make_loaders, prepare, set_epoch, steps_per_epoch
 from raysnet.data.dataset import read_beton_header
-from raysnet.data.sources import ArraySamples, Split, digits_arrays, from_arrays
+from raysnet.data.sources import ArraySamples, Split, digits_arrays, from_arrays, pixel_sums
 from raysnet.data.transforms import scale_crop
 from raysnet.data.writer import WriteError, WriteSettings, write_dataset
 from raysnet.prepare import parse_args
@@ -119,6 +119,31 @@ def test_digits_round_trip(digits, capsys):
     # A second ensure_dataset finds it and prepares nothing.
     ensure_dataset(DataConfig(name="digits", root=str(digits), auto_prepare=True))
     assert "preparing" not in capsys.readouterr().out
+
+
+def test_loaders_of_one_pipeline_share_their_compiled_operations(digits):
+    """raysnet.data.ffcv_import: a second loader of the same pipeline reuses the first's compiled
+    operations; one whose operation closes over another value (the crop) compiles that one anew."""
+    meta = check_dataset(DataConfig(root=str(digits)))
+
+    def operations(crop: int):
+        train = loaders(Path(digits), meta, batch_size=64, train_aug="cifar", pad=4, crop=crop)[0]
+        assert next(iter(train))[0].shape[-2:] == (crop, crop)
+        return train, [f for stage, _ in train.code[0] for name, f in stage.__globals__.items()
+                       if name.startswith("code_") and hasattr(f, "py_func")]  # compiled by numba
+
+    (_, first), (_, again), (_, smaller) = operations(32), operations(32), operations(28)
+    assert len(first) >= 3 and {id(f) for f in first} == {id(f) for f in again}
+    assert {id(f) for f in first} & {id(f) for f in smaller} and {id(f) for f in first} != {id(f) for f in smaller}
+
+
+def test_pixel_sums_are_the_exact_sums_and_products_of_the_channels():
+    rng = np.random.default_rng(5)
+    for rgb in (rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), np.full((4, 4, 3), 255, np.uint8),
+                np.zeros((1, 1, 3), np.uint8)):
+        flat = rgb.reshape(-1, 3).astype(np.float64)
+        sums, products = pixel_sums(rgb)
+        assert np.array_equal(sums, flat.sum(0)) and np.array_equal(products, flat.T @ flat)
 
 
 @pytest.mark.parametrize("os_cache", [True, False])  # RANDOM, and QUASI_RANDOM for datasets beyond RAM

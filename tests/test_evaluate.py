@@ -213,13 +213,13 @@ def test_evaluate_rejects_bad_input_clearly(capsys, tmp_path, checkpoint):
         assert words in one_paragraph(run_cli(capsys, "raysnet.evaluate", *args)), args
 
 
-def test_a_run_directory_is_evaluated_and_only_a_whole_evaluation_is_logged(capsys, tmp_path, digits):
+def test_a_run_directory_is_evaluated_and_only_a_whole_evaluation_is_logged(capsys, tmp_path, digits, mlflow_db):
     """checkpoint= takes what analyze takes (a file, its directory, a run directory: the latest
     checkpoint). A partial evaluation (max_batches) never writes the run's test_* metrics in
     MLflow; a whole one does."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     run_dir = tmp_path / "run"

@@ -376,7 +376,9 @@ def test_a_huge_image_does_not_inflate_the_pages(tmp_path):
     from raysnet.data.prepare import PrepareConfig, prepare
 
     tree = _tree(tmp_path / "tree", n=3)
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (5000, 4000, 3), dtype=np.uint8)).save(
+    # A smooth 20-megapixel picture: as large once decoded as a photograph, quick to encode and decode.
+    ramp = np.linspace(0, 255, 4000, dtype=np.float32)
+    Image.fromarray(np.broadcast_to(ramp[None, :, None], (5000, 4000, 3)).astype(np.uint8)).save(
         tree / "train" / "a" / "huge.jpg", quality=50)
     meta = prepare(PrepareConfig(source="imagefolder", root=str(tree), out=str(tmp_path / "ds"), storage="raw",
                                  max_resolution=64, workers=1, progress=False))

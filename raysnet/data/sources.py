@@ -268,8 +268,29 @@ def _check_image(job: tuple[str, bool]) -> _Checked:
     h, w, _ = rgb.shape
     if not stats:
         return _Checked(path, "", h, w)
-    flat = rgb.reshape(-1, 3).astype(np.float64)  # exact: sums of 255^2 stay far below 2^53
-    return _Checked(path, "", h, w, flat.sum(0), flat.T @ flat, len(flat))
+    sums, products = pixel_sums(rgb)
+    return _Checked(path, "", h, w, sums, products, h * w)
+
+
+_VALUES = np.arange(256, dtype=np.float64)
+_PAIRS = np.outer(_VALUES, _VALUES).ravel()  # value of (a << 8 | b): a * b
+
+
+def pixel_sums(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of uint8 RGB pixels: per channel the sum of the values, and the 3x3 sums of the products of
+    channel pairs, exactly (integers below 2^53). Counted in histograms of values and of value
+    pairs rather than by a float64 copy and a matrix product: no copy 8 times the image's size
+    (480 MB for 20 megapixels) and a third less time for a photograph."""
+    flat = rgb.reshape(-1, 3)
+    channels = [flat[:, k] for k in range(3)]
+    counts = [np.bincount(c, minlength=256) for c in channels]
+    sums = np.array([n @ _VALUES for n in counts])
+    products = np.diag([n @ _VALUES**2 for n in counts])
+    for i in range(3):
+        high = channels[i].astype(np.uint16) << 8
+        for j in range(i + 1, 3):
+            products[i, j] = products[j, i] = np.bincount(high | channels[j], minlength=65536) @ _PAIRS
+    return sums, products
 
 
 def _list_split(split_dir: Path, classes: list[str] | None, root: Path,
