@@ -277,7 +277,7 @@ def test_a_job_loses_a_node_is_stopped_and_submitted_again_and_finishes_from_the
     Then the job is stopped (`ray job stop`) and the same command submitted again resumes from the
     bucket and finishes, recording one MLflow run with each epoch once."""
     world.cluster.add_node()  # three 1-CPU nodes: the two left after the loss can take the two workers
-    epochs = 5
+    epochs = 6  # the node is lost after epoch 1 or 2, the run stopped after the next: epochs are left
     command = train(world, "submit", epochs=epochs, log_model=True) + ["tracking.system_metrics_s=1"]
     job = world.cluster.submit(command, cwd=str(REPO), name="submit-1")
     first = wait_checkpointed(world, job, "submit", 1)
@@ -293,9 +293,12 @@ def test_a_job_loses_a_node_is_stopped_and_submitted_again_and_finishes_from_the
     lost_at = checkpointed(world, "submit")
     assert lost_at < epochs, "the run ended before the node was lost"
     recovered = wait_checkpointed(world, job, "submit", lost_at + 1)
+    stopped = time.monotonic()  # at once: the epochs left take seconds, and the stop must come before their end
+    world.cluster.stop_job("submit-1")
+    job.wait(timeout=120)
     print(f"\nnode {victim} killed after epoch {lost_at} -> epoch {lost_at + 1} checkpointed: {recovered - killed:.1f} s")
-    # The worker groups, by placement group: the first lost a worker with the node; the next runs
-    # on the two nodes left.
+    # The worker groups, by placement group (Ray's state API lists them after their end too): the
+    # first lost a worker with the node; the next ran on the two nodes left.
     groups: dict[str, list[dict]] = {}
     for worker in world.cluster.train_workers("submit-1"):
         groups.setdefault(worker["placement_group_id"], []).append(worker)
@@ -305,9 +308,6 @@ def test_a_job_loses_a_node_is_stopped_and_submitted_again_and_finishes_from_the
     assert len(groups) == len(later) + 1 and later, groups
     assert all(len(g) == 2 and {w["node_ip"] for w in g} == survivors for g in later), groups
 
-    stopped = time.monotonic()
-    world.cluster.stop_job("submit-1")
-    job.wait(timeout=120)
     assert "stopped" in job.output().lower(), job.output()[-4000:]
     done = checkpointed(world, "submit")  # what the bucket holds once the driver is gone
     assert lost_at < done < epochs, f"{done} epochs checkpointed: the run was not stopped mid-run"
