@@ -409,7 +409,8 @@ def _prepare_process(tmp_path: Path, out: Path) -> subprocess.Popen:
     tree = _tree(tmp_path / "tree", n=150, size=(256, 256))
     return subprocess.Popen([sys.executable, "-m", "raysnet.prepare", "source=imagefolder", f"root={tree}",
                              f"out={out}", "workers=2", "progress=false", "storage=jpeg"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
 @pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
@@ -434,7 +435,14 @@ def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
             proc.terminate()  # `kill PID`: the main process only
         else:
             os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # It hung once in a clean-clone run, after printing its one line: SIGABRT makes Python's
+            # fault handler print where each of its threads waits, for whoever looks into it next.
+            proc.send_signal(signal.SIGABRT)
+            stdout, stderr = proc.communicate(timeout=30)
+            raise AssertionError(f"the stopped prepare did not exit within 60 s; its threads:\n{stderr}") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
