@@ -4,6 +4,7 @@ inside run.storage, and a dataset or tracking URI that cannot work stops the run
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -413,6 +414,29 @@ def _prepare_process(tmp_path: Path, out: Path) -> subprocess.Popen:
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
+def _why_not_ended(proc: subprocess.Popen) -> str:
+    """What kept a stopped prepare's output open. It happened once in a clean-clone run, after its
+    one line: either the prepare had not exited (SIGABRT makes Python's fault handler print where
+    each of its threads waits) or another process of its group still held its stderr."""
+    group = []
+    for p in psutil.process_iter(["pid", "status", "cmdline"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(p.pid) == proc.pid:
+                group.append(f"{p.info['pid']} {p.info['status']} {' '.join(p.info['cmdline'] or [])[:200]}")
+    running = proc.poll() is None
+    threads = ""
+    if running:
+        proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        os.set_blocking(proc.stderr.fileno(), False)  # whatever else holds it open: read what is there
+        with contextlib.suppress(OSError):
+            threads = os.read(proc.stderr.fileno(), 1 << 20).decode(errors="replace")
+    state = "was still running; its threads:\n" + threads if running else f"had exited with {proc.returncode}"
+    return ("the stopped prepare's output was still open after 60 s. The processes of its group:\n"
+            + "\n".join(group) + f"\nThe prepare {state}")
+
+
 @pytest.mark.e2e  # a real process: outside the quick loop, which runs everything in-process
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
@@ -438,11 +462,7 @@ def test_a_stopped_prepare_leaves_nothing(tmp_path, how):
         try:
             stdout, stderr = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            # It hung once in a clean-clone run, after printing its one line: SIGABRT makes Python's
-            # fault handler print where each of its threads waits, for whoever looks into it next.
-            proc.send_signal(signal.SIGABRT)
-            stdout, stderr = proc.communicate(timeout=30)
-            raise AssertionError(f"the stopped prepare did not exit within 60 s; its threads:\n{stderr}") from None
+            raise AssertionError(_why_not_ended(proc)) from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ reason why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -348,9 +349,9 @@ def imagefolder(root: Path, workers: int, max_resolution: int | None, progress: 
     # Decode every image once, in parallel, before writing: the FFCV writer cannot skip a sample
     # once the file's sample count is fixed, and a worker that raises would stop the run.
     jobs = [(p, True) for p in train_paths] + [(p, False) for p in val_paths]
-    with signals_held():  # see raysnet.errors.signals_held
-        pool = fork_context().Pool(max(1, workers), initializer=child_signals)
-    with pool:
+    with contextlib.ExitStack() as stack:
+        with signals_held():  # see raysnet.errors.signals_held; a stop held there ends the pool too
+            pool = stack.enter_context(fork_context().Pool(max(1, workers), initializer=child_signals))
         checked = list(tqdm(pool.imap(_check_image, jobs, chunksize=8), total=len(jobs), desc="check images",
                             disable=not progress, unit="img"))
     train_checked, val_checked = checked[:len(train_paths)], checked[len(train_paths):]
