@@ -59,8 +59,12 @@ def step_points(uri: str, run_name: str, epochs: int, experiment: str = "raysnet
 
 def train_workers(head_pid: int) -> list:
     """The Ray Train worker processes of the session's Ray head."""
-    return [p for p in psutil.Process(head_pid).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline()) and "train_fn" not in p.name()]
+    found = []
+    for p in psutil.Process(head_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # one that ends meanwhile (Ray's set-up processes come and go)
+            if "RayTrainWorker" in " ".join(p.cmdline()) and "train_fn" not in p.name():
+                found.append(p)
+    return found
 
 
 @pytest.fixture(scope="module")
