@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import re
 import signal
 import sys
@@ -34,9 +35,18 @@ class Stopped(KeyboardInterrupt):
 
 
 _held: list[int] | None = None  # the stop signals that arrived inside `signals_held`; None: outside
+_owner: int | None = None  # the process that called `stop_on_signals`
 
 
 def _stop(signum: int, frame) -> None:
+    if os.getpid() != _owner:
+        # A child forked with this handler, before its own `child_signals` ran: it acts as it will.
+        # A SIGTERM swallowed here (the child's copy of `_held` collects it) left a pool worker
+        # alive after its pool's terminate(), and the parent waited for it forever.
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
     if _held is not None:
         _held.append(signum)
         return
@@ -45,6 +55,8 @@ def _stop(signum: int, frame) -> None:
 
 def stop_on_signals() -> None:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt and `Stopped` (in the main thread)."""
+    global _owner
+    _owner = os.getpid()
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
 

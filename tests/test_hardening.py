@@ -414,6 +414,33 @@ def _prepare_process(tmp_path: Path, out: Path) -> subprocess.Popen:
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
+def test_a_child_forked_before_it_sets_its_own_signals_still_ends_on_sigterm():
+    """A child forked inside `signals_held` runs with its parent's stop handler until it calls
+    `child_signals`. A SIGTERM there must end it as it would later (a pool terminated right after it
+    started waited forever for a worker that had collected the SIGTERM), and Ctrl-C must not."""
+    from raysnet import errors
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    child = None
+    try:
+        errors.stop_on_signals()
+        with errors.signals_held():
+            child = errors.fork_context().Process(target=time.sleep, args=(60,), daemon=True)
+            child.start()  # no child_signals: the parent's handler, and its copy of the held stops
+        os.kill(child.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert child.is_alive(), "Ctrl-C ended a child before the parent decided"
+        child.terminate()
+        child.join(20)
+        assert child.exitcode == -signal.SIGTERM, child.exitcode
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if child is not None and child.is_alive():
+            child.kill()
+            child.join()
+
+
 def _why_not_ended(proc: subprocess.Popen) -> str:
     """What kept a stopped prepare's output open. It happened once in a clean-clone run, after its
     one line: either the prepare had not exited (SIGABRT makes Python's fault handler print where
