@@ -22,17 +22,20 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import MISSING
-from torch import nn
 
 from raysnet import cli as _cli
 from raysnet import storage
-from raysnet.checkpoint import find, load_model
 from raysnet.config import Config, resolve_root
 from raysnet.errors import UsageError
+
+# torch (and raysnet.checkpoint, which imports it) is imported inside the functions that use it:
+# it takes seconds, and --help or a mistyped key should answer at once.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -53,6 +56,8 @@ class AnalyzeArgs:
 
 def response_layers(model: nn.Module, stem: bool = False) -> list[tuple[str, nn.BatchNorm2d]]:
     """(name, BN) for each 3x3 conv's BN, in forward order. Blocks name them convK -> bnK."""
+    from torch import nn
+
     layers = []
     for name, module in model.named_modules():
         is_stem = name == ""
@@ -66,9 +71,10 @@ def response_layers(model: nn.Module, stem: bool = False) -> list[tuple[str, nn.
     return layers
 
 
-@torch.no_grad()
 def layer_stds(model: nn.Module, batches: Iterable[torch.Tensor], stem: bool = False) -> list[tuple[str, float]]:
     """[(layer, std of its response)] over the images in `batches`, in layer order."""
+    import torch
+
     layers = response_layers(model, stem)
     # Sums in float64 on the host: count, sum, sum of squares per layer.
     sums = [[0, 0.0, 0.0] for _ in layers]
@@ -85,8 +91,9 @@ def layer_stds(model: nn.Module, batches: Iterable[torch.Tensor], stem: bool = F
     was_training = model.training
     model.eval()
     try:
-        for images in batches:
-            model(images)
+        with torch.no_grad():
+            for images in batches:
+                model(images)
     finally:
         for h in handles:
             h.remove()
@@ -101,6 +108,8 @@ def layer_stds(model: nn.Module, batches: Iterable[torch.Tensor], stem: bool = F
 def validation_batches(cfg: Config, data_root: str = "", batch: int = 128, batches: int = 10):
     """The first `batches` validation images batches of the run's dataset, on the CPU.
     `data_root`: the user's override of the directory recorded in the checkpoint's config."""
+    import torch
+
     from raysnet.data import ensure_dataset, make_loaders
 
     data = dataclasses.replace(cfg.data, root=resolve_root(data_root)) if data_root else cfg.data
@@ -116,6 +125,7 @@ def validation_batches(cfg: Config, data_root: str = "", batch: int = 128, batch
 def analyze(checkpoint: str | Path, data_root: str = "", batch: int = 128, batches: int = 10,
             stem: bool = False) -> dict[str, Any]:
     """Fig. 7's statistics for one checkpoint: {"layers": [names], "std": [values], ...}, in layer order."""
+    from raysnet.checkpoint import find, load_model
     from raysnet.models import get_arch
 
     path = find(checkpoint)

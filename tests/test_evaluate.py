@@ -1,4 +1,5 @@
-"""The paper's testing modes: the mechanics of the views, and the command on a real checkpoint."""
+"""The paper's testing modes: the mechanics of the views (raysnet.inference), and the command
+(raysnet.evaluate) on a real checkpoint."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from raysnet.checkpoint import SHOW_KEYS, load_model
 from raysnet.config import ConfigError, load_config
 from raysnet.data.sources import digits_arrays
 from raysnet.errors import UsageError
-from raysnet.evaluate import EvalConfig, WholeImages, load_for_testing, normalisation, predict, predictions, views
+from raysnet.evaluate import EvalConfig, load_for_testing, normalisation
+from raysnet.inference import WholeImages, predict, predictions, views
 from raysnet.models import build_model
 
 # Corner patches of a test image, one colour each, and its centre: the views must find them.
@@ -108,13 +110,13 @@ def test_whole_validation_images_are_stored_read_and_batched_by_size(tmp_path):
             assert np.abs(image[y, x] - expected).max() <= 12, (image.shape, y, x)
     data = load_config(["data=imagefolder", f"data.root={tmp_path / 'ds'}"]).data
     probe = Probe()
-    ecfg = EvalConfig(scales=(224, 256), batch_size=4)
-    assert sum(len(labels) for _, labels in predictions(probe, data, meta, "multiscale", ecfg)) == 4
+    norm = normalisation(meta, (), ())
+    assert sum(len(labels) for _, labels in predictions(probe, data, meta, "multiscale", norm, (224, 256), 4)) == 4
     # One batch per view size: 4:3 images share theirs (the two landscape ones), 3:4 theirs.
     assert sorted(probe.shapes) == sorted([(2, 3, 224, 299), (1, 3, 299, 224), (1, 3, 224, 288),
                                            (2, 3, 256, 341), (1, 3, 341, 256), (1, 3, 256, 329)])
     probe.shapes.clear()
-    list(predictions(probe, data, meta, "10crop", ecfg))
+    list(predictions(probe, data, meta, "10crop", norm, (224, 256), 4))
     assert probe.shapes == [(4, 3, 224, 224)] * 10  # 40 crops of one size, in batches of 4
 
 
@@ -133,7 +135,9 @@ def test_an_outside_state_dict_with_its_own_normalisation_predicts_as_in_pytorch
                       max_batches=2)
     model, cfg, _ = load_for_testing(ecfg, ["data=digits", f"data.root={digits}"])
     meta = json.loads((Path(digits) / "meta.json").read_text())
-    got = torch.cat([p for p, _ in predictions(model, cfg.data, meta, "single", ecfg)])
+    norm = normalisation(meta, ecfg.mean, ecfg.std)
+    got = torch.cat([p for p, _ in predictions(model, cfg.data, meta, "single", norm, ecfg.scales, ecfg.batch_size,
+                                               ecfg.max_batches)])
 
     _, (images, _) = digits_arrays()  # the validation images, in the prepared order
     x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255
