@@ -84,7 +84,9 @@ def test_the_old_key_says_what_replaced_it():
 def test_prepare_records_the_training_pixels_principal_components(tmp_path):
     from PIL import Image
 
-    from raysnet.data.sources import from_arrays, imagefolder
+    from raysnet.data.prepare import PrepareConfig, prepare
+    from raysnet.data.sources import from_arrays
+    from raysnet.data.writer import WriteSettings, write_dataset
 
     rng = np.random.default_rng(1)
     # Correlated channels, so the components are not the axes: green follows red, blue is its own.
@@ -101,9 +103,12 @@ def test_prepare_records_the_training_pixels_principal_components(tmp_path):
             assert abs(abs(columns[:, i] @ vectors[:, 2 - i]) - 1) < 1e-4
 
     labels = np.zeros(len(images), dtype=np.int64)
-    check(from_arrays("t", ["a"], (images, labels), (images[:1], labels[:1])).pca)
+    raw = WriteSettings("raw", None, 90, 0.5, 0, workers=1, progress=False)
+    check(write_dataset(from_arrays("t", ["a"], (images, labels), (images[:1], labels[:1])), tmp_path / "arrays",
+                        raw)["pca"])
     for split in ("train", "val"):
-        (tmp_path / split / "a").mkdir(parents=True)
+        (tmp_path / "tree" / split / "a").mkdir(parents=True)
         for i, image in enumerate(images):
-            Image.fromarray(image).save(tmp_path / split / "a" / f"{i}.png")
-    check(imagefolder(tmp_path, workers=1, max_resolution=None, progress=False).pca)
+            Image.fromarray(image).save(tmp_path / "tree" / split / "a" / f"{i}.png")
+    check(prepare(PrepareConfig(source="imagefolder", root=str(tmp_path / "tree"), out=str(tmp_path / "files"),
+                                max_resolution=None, workers=1, progress=False))["pca"])

@@ -21,7 +21,8 @@ from raysnet.cli import UsageError
 from raysnet.config import ConfigError, DataConfig
 from raysnet.data import check_dataset, ensure_dataset, make_loaders, prepare, set_epoch, steps_per_epoch
 from raysnet.data.dataset import read_beton_header
-from raysnet.data.sources import ArraySamples, Split, digits_arrays, from_arrays, pixel_sums
+from raysnet.data.encode import pixel_sums
+from raysnet.data.sources import ArraySamples, Split, digits_arrays, from_arrays
 from raysnet.data.transforms import scale_crop
 from raysnet.data.writer import WriteError, WriteSettings, write_dataset
 from raysnet.prepare import parse_args
@@ -426,17 +427,18 @@ def test_existing_output_is_untouched_without_overwrite(tmp_path, capsys):
 
 
 class FailingSamples(ArraySamples):
-    def __getitem__(self, i: int):
-        if i == 5:
-            raise OSError("disk vanished")
-        return super().__getitem__(i)
+    def __iter__(self):
+        for i, image in enumerate(self.images):
+            if i == 5:
+                raise OSError("disk vanished")
+            yield image
 
 
 def test_interrupted_write_leaves_no_final_file(tmp_path):
     images = index_images(40)
     labels = np.arange(40) % 4
     source = from_arrays("index", list("abcd"), (images, labels), (images, labels))
-    source.splits["val"] = Split(FailingSamples(images, labels), labels, np.full(40, 8), np.full(40, 8))
+    source.splits["val"] = Split(FailingSamples(images), labels)
 
     with pytest.raises(WriteError, match="val.beton"):
         write_dataset(source, tmp_path / "fresh", RAW)
@@ -697,3 +699,108 @@ def test_crop_sizes_scale_rrc_center(tmp_path):
     images, _ = collect(val)
     assert images.shape == (4, 224, 224, 3)
     assert np.all(np.abs(images[:, :, 112, 0].astype(int) - 128) < 12)  # centred
+
+
+# --- one pass, as the two passes it replaced ---------------------------------------------------------
+
+def photo(rng: np.random.Generator, h: int, w: int, mode: str = "RGB") -> Image.Image:
+    """Smooth colour fields plus grain: compresses and decodes like a photograph, unlike pure noise."""
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-10, 11, (h, w, 3), dtype=np.int16)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+def odd_tree(root: Path) -> None:
+    """An ImageFolder with every kind of image prepare treats apart: photographs decoded at a reduced
+    DCT scale (a training one counted at full size), validation images wider than the test scales,
+    PNG, greyscale and CMYK JPEG, a 16-bit PNG; and files it skips: truncated, not an image."""
+    rng = np.random.default_rng(7)
+    sizes = {"train/a": [(300, 400), (1300, 900), (120, 90)], "train/b": [(480, 360), (200, 260)],
+             "val/a": [(700, 1400), (1400, 2000)], "val/b": [(300, 200)]}
+    for folder, shapes in sizes.items():
+        (root / folder).mkdir(parents=True)
+        for i, (h, w) in enumerate(shapes):
+            photo(rng, h, w).save(root / folder / f"{i}.jpg", quality=85)
+    photo(rng, 64, 80).save(root / "train" / "b" / "p.png")
+    photo(rng, 150, 100, "L").save(root / "train" / "b" / "grey.jpg")
+    photo(rng, 140, 180, "CMYK").save(root / "train" / "a" / "cmyk.jpg")
+    Image.fromarray((np.arange(90 * 70).reshape(90, 70) * 9).astype(np.uint16)).save(root / "val" / "b" / "g16.png")
+    good = (root / "train" / "a" / "0.jpg").read_bytes()
+    (root / "train" / "a" / "cut.jpg").write_bytes(good[:len(good) // 2])
+    (root / "val" / "b" / "notes.jpg").write_text("not an image")
+
+
+# The two passes as they were (a checking decode, then FFCV's writer decoding each kept file
+# again), writing with FFCV's own writer: the reference the one-pass prepare must equal.
+TWO_PASSES = """
+import json, sys
+import cv2, numpy as np
+from PIL import Image
+import raysnet.data.ffcv_import
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import DatasetWriter
+from raysnet.data.encode import EVAL_SHORT_SIDE, to_rgb
+from raysnet.data.sources import imagefolder
+
+root, out, skipped = sys.argv[1], sys.argv[2], set(json.loads(sys.argv[3]))
+
+def load(path, max_resolution, short_side):
+    with Image.open(path) as im:
+        w, h = im.size
+        k = min(max_resolution / max(w, h) if max_resolution else 1.0, short_side / min(w, h) if short_side else 1.0)
+        if im.format == "JPEG" and k < 0.5:
+            im.draft("RGB", (int(w * k) + 1, int(h * k) + 1))
+        rgb = to_rgb(im)
+    if short_side and min(rgb.shape[:2]) > short_side:
+        ratio = short_side / min(rgb.shape[:2])
+        size = (max(short_side, round(rgb.shape[1] * ratio)), max(short_side, round(rgb.shape[0] * ratio)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return rgb
+
+class Files:
+    def __init__(self, items, max_resolution, short_side):
+        self.items, self.max_resolution, self.short_side = items, max_resolution, short_side
+    def __len__(self):
+        return len(self.items)
+    def __getitem__(self, i):
+        return load(self.items[i][0], self.max_resolution, self.short_side), self.items[i][1]
+
+pixels = []
+for name, split in imagefolder(root, EVAL_SHORT_SIDE).splits.items():
+    items = [(p, int(l)) for p, n, l in zip(split.samples.paths, split.samples.names, split.labels) if n not in skipped]
+    cap = None if split.short_side else 512
+    if name == "train":
+        pixels = [to_rgb(Image.open(p)).reshape(-1, 3) for p, _ in items]
+    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=cap, jpeg_quality=90), "label": IntField()}
+    DatasetWriter(f"{out}/{name}.beton", fields, num_workers=1).from_indexed_dataset(
+        Files(items, cap, split.short_side))
+flat = np.concatenate(pixels).astype(np.float64)
+print(json.dumps({"mean": flat.mean(0).tolist(), "std": flat.std(0).tolist()}))
+"""
+
+
+@pytest.mark.e2e  # two prepare processes
+def test_one_pass_stores_what_the_two_passes_stored(tmp_path):
+    """Each image read and decoded once (a training image counted at full size, stored from a
+    reduced-scale decode, is the one exception) gives the same samples, in the same order, with
+    the same labels and the same stored bytes as the checking pass plus FFCV's writer, the same
+    skipped files, and the training pixels' statistics of every kept image."""
+    from betons import stored_samples
+
+    odd_tree(tmp_path / "tree")
+    done = command("raysnet.prepare", "source=imagefolder", f"root={tmp_path / 'tree'}", f"out={tmp_path / 'one'}",
+                   "workers=2", "progress=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((tmp_path / "one" / "meta.json").read_text())
+    assert {s["path"] for s in meta["skipped"]} == {"train/a/cut.jpg", "val/b/notes.jpg"}, meta["skipped"]
+    (tmp_path / "two").mkdir()
+    ref = subprocess.run([sys.executable, "-c", TWO_PASSES, str(tmp_path / "tree"), str(tmp_path / "two"),
+                          json.dumps([s["path"] for s in meta["skipped"]])],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    for split, n in (("train", 8), ("val", 4)):
+        one, two = (stored_samples(tmp_path / d / f"{split}.beton") for d in ("one", "two"))
+        assert len(one) == n and one == two, split
+    assert max(s.width for s in stored_samples(tmp_path / "one" / "val.beton")) > 640  # kept whole, not cropped
+    stats = json.loads(ref.stdout.strip().splitlines()[-1])
+    assert np.allclose(meta["mean"], stats["mean"], atol=1e-4) and np.allclose(meta["std"], stats["std"], atol=1e-4)

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -40,6 +41,7 @@ from omegaconf import MISSING
 from raysnet import storage
 from raysnet.config import DataConfig, data_root
 from raysnet.data import sources
+from raysnet.data.encode import EVAL_SHORT_SIDE
 from raysnet.errors import ConfigError, UsageError, ray_in_this_process
 
 SOURCES = ("imagefolder", "cifar10", "digits")
@@ -64,7 +66,10 @@ class PrepareConfig:
     compress_probability: float = 0.5  # storage=proportion
     smart_threshold: int = 3 * 256 * 256  # storage=smart: JPEG for images whose raw pixels exceed this many bytes
     workers: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # (processes that check and encode images: every core this process may use)
+    # (processes that check and encode images: every core this process may use; engine=local)
+    # Where ImageFolder images are read and encoded: local (this machine's processes), ray (tasks on
+    # every node of the Ray cluster at RAY_ADDRESS; one writer here), auto (ray when RAY_ADDRESS is set).
+    engine: Literal["auto", "local", "ray"] = "auto"
     progress: bool = True
 
 
@@ -88,37 +93,72 @@ def default_out(source: str) -> Path:
 
 
 @contextlib.contextmanager
-def imagefolder_root(root: Path) -> Iterator[Path]:
-    """The ImageFolder tree at `root`: the directory itself, or an archive unpacked for the duration."""
-    if root.is_dir():
-        yield root
+def imagefolder_root(root: str) -> Iterator[str]:
+    """The ImageFolder tree at `root`: the directory (or object-store prefix) itself, or an archive
+    (a file, or an object: fetched first) unpacked for the duration."""
+    if storage.is_uri(root):
+        if not root.endswith(ARCHIVES):
+            yield root
+            return
+        with tempfile.TemporaryDirectory(prefix="raysnet-fetch-") as tmp:
+            archive = Path(tmp) / Path(root).name
+            _fetch(root, archive)
+            with _unpacked(archive, root) as tree:
+                yield tree
         return
-    if not root.exists():
-        raise UsageError(f"ImageFolder root '{root}' does not exist.")
-    if not (root.is_file() and tarfile.is_tarfile(root)):
-        raise UsageError(f"ImageFolder root '{root}' is neither a directory nor a .tar/.tar.gz archive of one.")
-    with tempfile.TemporaryDirectory(prefix="raysnet-unpack-") as tmp:
-        _unpack(root, Path(tmp))
-        top = [p for p in Path(tmp).iterdir() if not p.name.startswith(".")]
-        tree = top[0] if len(top) == 1 and top[0].is_dir() and not (Path(tmp) / "train").is_dir() else Path(tmp)
-        if not (tree / "train").is_dir():
-            raise UsageError(f"archive '{root}' holds no ImageFolder tree: expected train/<class>/ at its top or "
-                             "inside its single top-level folder.")
+    path = Path(root).expanduser()
+    if path.is_dir():
+        yield str(path)
+        return
+    if not path.exists():
+        raise UsageError(f"ImageFolder root '{path}' does not exist.")
+    if not (path.is_file() and tarfile.is_tarfile(path)):
+        raise UsageError(f"ImageFolder root '{path}' is neither a directory nor a .tar/.tar.gz archive of one.")
+    with _unpacked(path, str(path)) as tree:
         yield tree
 
 
-def _unpack(archive: Path, into: Path) -> None:
+ARCHIVES = (".tar", ".tar.gz", ".tgz")
+
+
+def _is_archive(root: str) -> bool:
+    return root.endswith(ARCHIVES) if storage.is_uri(root) else Path(root).expanduser().is_file()
+
+
+def _fetch(uri: str, into: Path) -> None:
+    filesystem, where = storage.open_uri(uri, "root")
+    try:
+        with filesystem.open_input_stream(where) as src, open(into, "wb") as dst:
+            shutil.copyfileobj(src, dst, storage.CHUNK)
+    except OSError as e:
+        raise UsageError(f"cannot read the archive root={uri}: {str(e).splitlines()[0]}. Check the URI and this "
+                         "machine's credentials for the object store.") from None
+
+
+@contextlib.contextmanager
+def _unpacked(archive: Path, named: str) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="raysnet-unpack-") as tmp:
+        _unpack(archive, Path(tmp), named)
+        top = [p for p in Path(tmp).iterdir() if not p.name.startswith(".")]
+        tree = top[0] if len(top) == 1 and top[0].is_dir() and not (Path(tmp) / "train").is_dir() else Path(tmp)
+        if not (tree / "train").is_dir():
+            raise UsageError(f"archive '{named}' holds no ImageFolder tree: expected train/<class>/ at its top or "
+                             "inside its single top-level folder.")
+        yield str(tree)
+
+
+def _unpack(archive: Path, into: Path, named: str) -> None:
     """Extract with tarfile's "data" filter: nothing outside `into`, no absolute or outward links,
     no devices. A member that breaks those rules, or a damaged archive, stops prepare."""
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(into, filter="data")
     except tarfile.FilterError as e:
-        raise UsageError(f"archive '{archive}' is unsafe: its member '{e.tarinfo.name}' {_unsafe(e)}. Nothing was "
+        raise UsageError(f"archive '{named}' is unsafe: its member '{e.tarinfo.name}' {_unsafe(e)}. Nothing was "
                          "extracted outside a temporary directory (now removed); repack the tree with relative "
                          "paths and regular files only.") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise UsageError(f"archive '{archive}' cannot be unpacked ({type(e).__name__}: {e}): it is truncated or "
+        raise UsageError(f"archive '{named}' cannot be unpacked ({type(e).__name__}: {e}): it is truncated or "
                          "damaged. Download or pack it again.") from None
 
 
@@ -132,36 +172,50 @@ def _unsafe(e: tarfile.FilterError) -> str:
     return f"is refused ({type(e).__name__})"
 
 
-def load_source(cfg: PrepareConfig, root: Path | None = None) -> sources.Source:
+def load_source(cfg: PrepareConfig, tree: str | None = None) -> sources.Source:
     if cfg.source == "digits":
         return sources.digits()
     if cfg.source == "cifar10":
         root = Path(cfg.root).expanduser() if cfg.root else default_out("downloads")
         return sources.cifar10(root, cfg.download)
-    return sources.imagefolder(root or Path(cfg.root).expanduser(), cfg.workers, cfg.max_resolution or None,
-                               cfg.progress)
+    # Validation keeps each whole image, its shorter side capped at the largest test scale (unless
+    # max_resolution=0 keeps every image's size); training is capped by max_resolution.
+    return sources.imagefolder(tree or cfg.root, EVAL_SHORT_SIDE if cfg.max_resolution else None)
+
+
+def engine(cfg: PrepareConfig) -> str:
+    """local or ray: auto prepares on the Ray cluster RAY_ADDRESS names (a `ray job submit`), if any."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "ray" if cfg.source == "imagefolder" and os.environ.get("RAY_ADDRESS") else "local"
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Read the source, write the dataset directory atomically, return its meta.json contents.
     `out` may be a URI (s3://...): the dataset is written locally, then uploaded, meta.json last."""
+    from raysnet.data.spread import local_pool, ray_tasks
     from raysnet.data.writer import WriteSettings, staging, write_into  # FFCV: imported when writing
 
     _validate(cfg)
     if storage.is_uri(cfg.out):
         return _prepare_remote(cfg)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(cfg.source)
-    given = Path(cfg.root).expanduser()
+    files = cfg.source == "imagefolder"
     # The output place first: one that cannot be written fails before minutes of reading the source.
     with staging(out, cfg.overwrite) as tmp, \
-            imagefolder_root(given) if cfg.source == "imagefolder" else contextlib.nullcontext() as tree:
+            imagefolder_root(cfg.root) if files else contextlib.nullcontext() as tree:
         source = load_source(cfg, tree)
-        if tree is not None and tree != given:
-            source.info["archive"] = str(given.resolve())
+        if files and _is_archive(cfg.root):
+            source.info["archive"] = cfg.root if storage.is_uri(cfg.root) else str(Path(cfg.root).expanduser().resolve())
         kind = source.storage if cfg.storage == "auto" else cfg.storage
         settings = WriteSettings(kind, cfg.max_resolution or None, cfg.jpeg_quality, cfg.compress_probability,
                                  cfg.smart_threshold, cfg.workers, cfg.progress)
-        return write_into(source, tmp, out, settings, cfg.overwrite)
+        pool = (ray_tasks() if engine(cfg) == "ray" else local_pool(cfg.workers)) if files else contextlib.nullcontext()
+        with pool as workers:
+            meta = write_into(source, tmp, out, settings, cfg.overwrite, workers)
+        if engine(cfg) == "ray":
+            print(f"encoded on {len(meta['write']['encoded_on'])} Ray node(s)", flush=True)
+        return meta
 
 
 def prepare_isolated(cfg: PrepareConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raysnet import lifecycle, storage, tracking
+from raysnet import lifecycle, ray_address, storage, tracking
 from raysnet.config import Config
 from raysnet.errors import Stopped
 from raysnet.tables import fmt, markdown_table
@@ -242,7 +242,7 @@ def prepare_sweep(path: str, cli: list[str], sweep_overrides: list[str]) -> tupl
 
     spec, text = sweeps.load(path, sweep_overrides)
     configs = sweeps.validate(spec, cli)  # every trial resolves, or nothing starts
-    lifecycle.check_ray_address()
+    ray_address.check_ray_address()
     base = lifecycle.finalize(configs[0])
     tracking.check_reachable(base.tracking.uri)
     for data in {c.data for c in configs}:
@@ -286,7 +286,7 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
     experiment = configs[0].tracking.experiment or spec.experiment or spec.name
     # Enough logical CPUs for one trial's workers, even on a small laptop (as a run does).
     ray = lifecycle.connect_ray(base.run.workers * base.run.cpus_per_worker + 1)
-    cores = (os.cpu_count() or 1) if lifecycle.local_ray() else None
+    cores = (os.cpu_count() or 1) if ray_address.local_ray() else None
     at_once, why = concurrency(spec, base, ray.cluster_resources(), cores)
     if why:
         print(why, flush=True)
