@@ -332,6 +332,24 @@ class RayCluster:
         if done.returncode:
             raise AssertionError(f"ray job stop {submission_id} failed:\n{done.stdout}\n{done.stderr}")
 
+    def tasks(self, submission_id: str, name: str) -> list[dict]:
+        """The attempts of a job's Ray tasks called `name`, from Ray's state API (asked from inside
+        the head): [{"task_id", "attempt_number", "state", "node_ip"}] (a retried task: one per attempt)."""
+        script = (
+            "import json, sys\n"
+            "from ray.util.state import list_jobs, list_nodes, list_tasks\n"
+            "job = next(j.job_id for j in list_jobs() if j.submission_id == sys.argv[1])\n"
+            "ips = {n.node_id: n.node_ip for n in list_nodes(limit=10000)}\n"
+            "tasks = list_tasks(filters=[('name', '=', sys.argv[2]), ('job_id', '=', job)], limit=10000,\n"
+            "                   detail=True, raise_on_missing_output=False)\n"
+            "print(json.dumps([{'task_id': t.task_id, 'attempt_number': t.attempt_number, 'state': t.state,\n"
+            "                   'node_ip': ips.get(t.node_id)} for t in tasks]))\n")
+        done = self.net.run("head", [sys.executable, "-c", script, submission_id, name], env=self.env,
+                            capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise AssertionError(f"Ray's state API failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout.splitlines()[-1])
+
     def train_workers(self, submission_id: str) -> list[dict]:
         """The Ray Train worker actors of a job, from Ray's state API (asked from inside the head):
         [{"actor_id", "state", "node_id", "node_ip", "placement_group_id"}] (one placement group

@@ -355,3 +355,74 @@ def test_a_job_loses_a_node_is_stopped_and_submitted_again_and_finishes_from_the
     assert world.stores.objects() == before
 
 
+
+
+UPLOAD = "import sys\nfrom pyarrow import fs\nfs.copy_files(sys.argv[1], sys.argv[2])\n"
+
+
+def photo_tree(root: Path) -> None:
+    """480 photograph-like JPEGs in 3 classes (450 train, 30 val), a truncated one and a file that is not an image."""
+    import numpy as np
+    from imagery import photo
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 150), ("val", 10)):
+        for c in ("ant", "bee", "cat"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                photo(rng, int(rng.integers(120, 200)), int(rng.integers(120, 200))).save(root / split / c / f"{i}.jpg")
+    good = (root / "train" / "ant" / "0.jpg").read_bytes()
+    (root / "train" / "bee" / "cut.jpg").write_bytes(good[:len(good) // 2])
+    (root / "val" / "cat" / "readme.jpg").write_text("not an image")
+
+
+def bucket_dataset(world: World, prefix: str, into: Path) -> Path:
+    into.mkdir(parents=True)
+    for name in ("train.beton", "val.beton", "meta.json"):
+        (into / name).write_bytes(world.stores.read(f"{prefix}/{name}"))
+    return into
+
+
+def test_prepare_on_the_cluster_is_the_local_prepare_even_when_a_node_is_lost(world, tmp_path):
+    """`ray job submit -- python -m raysnet.prepare root=s3://... out=s3://...`: the images are read
+    from the bucket and encoded by Ray tasks on both worker nodes at once, and one writer on the
+    head assembles the dataset. One of the nodes is killed while it encodes: its tasks run again on
+    the node left, and the dataset is the one a local prepare of the same tree writes (samples,
+    order, labels, stored bytes, skipped files and why, statistics)."""
+    from imagery import stored_samples
+
+    photo_tree(tmp_path / "tree")
+    started = time.monotonic()
+    local = subprocess.run([sys.executable, "-m", "raysnet.prepare", "source=imagefolder", f"root={tmp_path / 'tree'}",
+                            f"out={tmp_path / 'local'}", "engine=local", "progress=false"], cwd=str(REPO),
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert local.returncode == 0, local.stderr[-2000:]
+    upload = world.net.run("store", [sys.executable, "-c", UPLOAD, str(tmp_path / "tree"), f"s3://{Stores.BUCKET}/tree"],
+                           env=world.stores.env, capture_output=True, text=True, timeout=300)
+    assert upload.returncode == 0, upload.stderr[-2000:]
+    uploaded = time.monotonic()
+    while len(live := [n for n in world.cluster.nodes if n != "head" and world.net.pids(n)]) < 2:
+        world.cluster.add_node()
+
+    job = world.cluster.submit(["python", "-m", "raysnet.prepare", "source=imagefolder", f"root=s3://{Stores.BUCKET}/tree",
+                                f"out=s3://{Stores.BUCKET}/tree-ds"], cwd=str(REPO), name="prepare")
+    wait_for("tasks encoding images on two nodes at once", lambda: set(live[:2]) <= set(world.cluster.hosting("_encode")),
+             120, job.proc, job.log)
+    world.cluster.kill_node(live[0])
+    killed = time.monotonic()
+    assert job.proc.poll() is None, "the prepare ended before the node was lost"
+    assert job.wait(timeout=420) == 0, job.output()[-4000:]
+    print(f"\nlocal prepare and upload: {uploaded - started:.1f} s; the job, a node killed {killed - job.started:.1f} s "
+          f"in: {time.monotonic() - job.started:.1f} s")
+    attempts = world.cluster.tasks("prepare", "_encode_on_node")
+    assert any(t["attempt_number"] > 0 for t in attempts), attempts  # run again after the node was lost
+
+    there = bucket_dataset(world, "tree-ds", tmp_path / "there")
+    for split, samples in (("train.beton", 450), ("val.beton", 30)):
+        expected = stored_samples(tmp_path / "local" / split)
+        assert len(expected) == samples and stored_samples(there / split) == expected, split
+    meta, mine = (json.loads((d / "meta.json").read_text()) for d in (there, tmp_path / "local"))
+    assert (meta["skipped"], meta["mean"], meta["std"], meta["pca"]) == \
+        (mine["skipped"], mine["mean"], mine["std"], mine["pca"])
+    assert [s["path"] for s in meta["skipped"]] == ["train/bee/cut.jpg", "val/cat/readme.jpg"]
+    assert sum(meta["write"]["encoded_on"].values()) == 482, meta["write"]  # files read, by Ray node id

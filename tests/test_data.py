@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from clitools import command, one_paragraph
+from imagery import photo, stored_samples
 from PIL import Image
 
 from raysnet import cli
@@ -703,13 +704,6 @@ def test_crop_sizes_scale_rrc_center(tmp_path):
 
 # --- one pass, as the two passes it replaced ---------------------------------------------------------
 
-def photo(rng: np.random.Generator, h: int, w: int, mode: str = "RGB") -> Image.Image:
-    """Smooth colour fields plus grain: compresses and decodes like a photograph, unlike pure noise."""
-    coarse = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-10, 11, (h, w, 3), dtype=np.int16)
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode)
-
-
 def odd_tree(root: Path) -> None:
     """An ImageFolder with every kind of image prepare treats apart: photographs decoded at a reduced
     DCT scale (a training one counted at full size), validation images wider than the test scales,
@@ -785,7 +779,6 @@ def test_one_pass_stores_what_the_two_passes_stored(tmp_path):
     reduced-scale decode, is the one exception) gives the same samples, in the same order, with
     the same labels and the same stored bytes as the checking pass plus FFCV's writer, the same
     skipped files, and the training pixels' statistics of every kept image."""
-    from betons import stored_samples
 
     odd_tree(tmp_path / "tree")
     done = command("raysnet.prepare", "source=imagefolder", f"root={tmp_path / 'tree'}", f"out={tmp_path / 'one'}",

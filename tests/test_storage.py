@@ -103,6 +103,40 @@ def test_prepare_writes_to_object_storage_and_training_reads_it_back(s3, tmp_pat
         check_dataset(DataConfig(name="digits", root="s3://data/nothing"))
 
 
+def test_prepare_reads_an_imagefolder_from_object_storage_as_a_prefix_or_an_archive(s3, tmp_path):
+    """root=s3://bucket/tree and root=s3://bucket/tree.tar.gz prepare what root=DIR does: the same
+    samples, labels, stored bytes and skipped files (a prefix's objects listed in the order a walk
+    of the same folders gives)."""
+    import tarfile
+
+    import numpy as np
+    from imagery import photo, stored_samples
+    from pyarrow import fs
+
+    from raysnet.data.prepare import PrepareConfig, prepare
+
+    rng, tree = np.random.default_rng(2), tmp_path / "tree"
+    for i, name in enumerate(("train/a/1.jpg", "train/a/0sub/0.jpg", "train/a/2.jpg", "train/b/0.png", "val/a/0.jpg",
+                              "val/b/0.jpg")):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        photo(rng, 30 + i, 40).save(tree / name)  # its height tells which file a sample is
+    (tree / "train" / "b" / "notes.txt").write_text("not an image")
+    with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname="tree")
+    fs.copy_files(str(tree), "s3://data/tree")
+    fs.copy_files(str(tmp_path / "tree.tar.gz"), "s3://data/tree.tar.gz")
+
+    def made(root: str, out: str) -> tuple[list, list, list]:
+        meta = prepare(PrepareConfig(source="imagefolder", root=root, out=str(tmp_path / out), workers=1, progress=False))
+        return [stored_samples(tmp_path / out / f"{s}.beton") for s in ("train", "val")] + [meta["skipped"]]
+
+    here = made(str(tree), "here")
+    assert [s.height for s in here[0]] == [30, 32, 31, 33]  # a folder's files, then its folders (os.walk's order)
+    assert [len(here[1]), [s["path"] for s in here[2]]] == [2, ["train/b/notes.txt"]]
+    assert made("s3://data/tree", "prefix") == here
+    assert made("s3://data/tree.tar.gz", "archive") == here
+
+
 # --- a run on object storage, through the command line ---------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent

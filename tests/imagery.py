@@ -1,4 +1,4 @@
-"""What a .beton holds, sample by sample, read straight from its bytes with FFCV's Reader."""
+"""Images to prepare, and what a prepared .beton holds, sample by sample."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
+
+
+def photo(rng: np.random.Generator, h: int, w: int, mode: str = "RGB") -> Image.Image:
+    """Smooth colour fields plus grain: compresses and decodes like a photograph, unlike pure noise."""
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-10, 11, (h, w, 3), dtype=np.int16)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode)
 
 
 class Stored(NamedTuple):
