@@ -74,8 +74,9 @@ class LocalPool:
 def local_pool(workers: int) -> Iterator[LocalPool]:
     """`workers` forked processes of this one (the recipe's FFCV fields are shared, not pickled)."""
     with contextlib.ExitStack() as stack:
-        executor = stack.enter_context(ProcessPoolExecutor(workers, mp_context=fork_context(),
-                                                           initializer=child_signals))
+        executor = ProcessPoolExecutor(workers, mp_context=fork_context(), initializer=child_signals)
+        # On any exit the chunks not started are dropped (a stopped prepare ends at once).
+        stack.callback(executor.shutdown, wait=True, cancel_futures=True)
         with signals_held():  # the processes fork on the first submit; see raysnet.errors.signals_held
             executor.submit(int).result()
         yield LocalPool(executor, workers)
