@@ -119,15 +119,15 @@ def _scale(w: int, h: int, recipe: Recipe) -> float:
                recipe.short_side / min(w, h) if recipe.short_side else 1.0)
 
 
-def _decode(data: bytes, recipe: Recipe, full: bool) -> tuple[np.ndarray, tuple[int, int]]:
-    """(pixels, (width, height) as found). A JPEG whose stored size is under half its own decodes at
-    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) unless `full`: the pixel counts need every pixel."""
+def _decode(data: bytes, recipe: Recipe, full: bool) -> np.ndarray:
+    """The pixels. A JPEG whose stored size is under half its own decodes at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling) unless `full`: the pixel counts need every pixel."""
     with Image.open(io.BytesIO(data)) as im:
         w, h = im.size
         k = _scale(w, h, recipe)
         if not full and im.format == "JPEG" and k < 0.5:
             im.draft("RGB", (int(w * k) + 1, int(h * k) + 1))  # at least k times the size, each side
-        return to_rgb(im), (w, h)
+        return to_rgb(im)
 
 
 def _shorter_side(rgb: np.ndarray, short_side: int | None) -> np.ndarray:
@@ -140,7 +140,7 @@ def _shorter_side(rgb: np.ndarray, short_side: int | None) -> np.ndarray:
 
 def load_rgb(data: bytes, recipe: Recipe) -> np.ndarray:
     """The pixels as the dataset stores them before FFCV's own resizing (max_resolution)."""
-    return _shorter_side(_decode(data, recipe, full=False)[0], recipe.short_side)
+    return _shorter_side(_decode(data, recipe, full=False), recipe.short_side)
 
 
 def _why(e: Exception) -> str:
@@ -166,10 +166,10 @@ def encode_bytes(data: bytes, recipe: Recipe) -> Encoded:
             im.verify()  # structure and checksums (PNG CRCs), without decoding
             w, h = im.size
         full = recipe.stats or _scale(w, h, recipe) >= 0.5
-        rgb, _ = _decode(data, recipe, full=full)
+        rgb = _decode(data, recipe, full)
         counted = pixel_sums(rgb) if recipe.stats else None
         if full and _scale(w, h, recipe) < 0.5:
-            rgb, _ = _decode(data, recipe, full=False)
+            rgb = _decode(data, recipe, full=False)
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds; every one means "skip this file"
         return Encoded(_why(e))
     return _encoded(_shorter_side(rgb, recipe.short_side), (h, w), recipe, counted)
