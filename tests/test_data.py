@@ -365,8 +365,9 @@ def test_data_source_prepares_on_first_use(tmp_path, monkeypatch, capsys):
 @pytest.mark.e2e
 def test_a_process_that_holds_ray_prepares_in_a_fresh_one(ray_head, tmp_path):
     """A driver connected to Ray that needs a dataset on first use (a sweep's trial, a second run in
-    one program) prepares it in a child process: prepare forks its image workers, and a process that
-    holds Ray must not fork. Forking beside the driver is refused, and Ray still answers after both."""
+    one program) prepares it in a child process: a local prepare forks its image workers, and a
+    process that holds Ray must not fork. Forking beside the driver is refused; prepared on the Ray
+    cluster (engine=auto with RAY_ADDRESS set) nothing forks. Ray still answers after all three."""
     make_imagefolder(tmp_path / "src")
     tar_of(tmp_path / "src", tmp_path / "mine.tar.gz", "mine")
     driver = f"""
@@ -378,17 +379,21 @@ ray.init(logging_level="WARNING")
 data = DataConfig(name="mine", root={str(tmp_path / "ds")!r}, auto_prepare=True, source={str(tmp_path / "mine.tar.gz")!r})
 print("prepared", ensure_dataset(data)["splits"]["train"]["samples"])
 try:
-    prepare(PrepareConfig(source="imagefolder", root={str(tmp_path / "src")!r}, out={str(tmp_path / "direct")!r}))
+    prepare(PrepareConfig(source="imagefolder", root={str(tmp_path / "src")!r}, out={str(tmp_path / "direct")!r},
+                          engine="local"))
 except RuntimeError as e:
     print("refused:", e)
+meta = prepare(PrepareConfig(source="imagefolder", root={str(tmp_path / "src")!r}, out={str(tmp_path / "on-ray")!r},
+                             progress=False))
+print("on ray", sum(meta["write"]["encoded_on"].values()))
 print("cpus", ray.cluster_resources()["CPU"])
 """
     done = subprocess.run([sys.executable, "-c", driver], env=ray_head, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert "prepared 12" in lines and "cpus 4.0" in lines, done.stdout
+    assert "prepared 12" in lines and "on ray 18" in lines and "cpus 4.0" in lines, done.stdout
     assert any(line.startswith("refused: refusing to fork image workers") for line in lines), done.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "mine.tar.gz", "src"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "mine.tar.gz", "on-ray", "src"]  # nothing half-written
 
 
 # --- failures: skipped files, existing output, interrupted writes, bad input ------------------
