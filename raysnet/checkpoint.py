@@ -3,8 +3,10 @@
 A raysnet checkpoint is one file, `CHECKPOINT_FILE`, in each of Ray Train's checkpoint_*
 directories of a run. It holds everything a resumed run restores (model, optimiser, schedule,
 random states, the epoch and the metrics so far) and everything a reader needs to rebuild the
-model without the run (the resolved config, the MLflow run id). `load_model` also reads a
-torchvision state dict, for the paper's testing of published weights.
+model without the run (the resolved config, the MLflow run id) and to use it on images without
+the dataset (`labels`: the class names, and the normalisation it was trained with). `load_model`
+also reads a torchvision state dict, for the paper's testing of published weights, and finds a
+model in MLflow (`models:/NAME/VERSION`, `models:/NAME@alias`, `runs:/RUN_ID/model`).
 
 Every file is read with torch.load(weights_only=True): tensors and plain data only, so a file from
 elsewhere can be refused but never run code (a pickle's __reduce__ would). The random states are
@@ -26,14 +28,24 @@ import torch
 from torch import nn
 
 from raysnet.config import Config, from_dict, to_dict
-from raysnet.errors import UsageError
+from raysnet.errors import UsageError, root_cause
 from raysnet.models import build_model, get_arch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def find(path: str | Path) -> Path:
-    """checkpoint.pt itself, a checkpoint directory holding it, or a run directory (its latest checkpoint)."""
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+def is_mlflow_uri(source: str | Path) -> bool:
+    return str(source).startswith(MLFLOW_SCHEMES)
+
+
+def find(path: str | Path, tracking_uri: str | None = None) -> Path:
+    """checkpoint.pt itself, a checkpoint directory holding it, a run directory (its latest
+    checkpoint), or an MLflow model URI (downloaded: see `from_mlflow`)."""
+    if is_mlflow_uri(path):
+        return from_mlflow(str(path), tracking_uri)
     p = Path(path).expanduser()
     if p.is_file():
         return p
@@ -44,6 +56,49 @@ def find(path: str | Path) -> Path:
         return found[-1]
     raise UsageError(f"no raysnet checkpoint at '{p}': give checkpoint=PATH to a {CHECKPOINT_FILE}, the directory "
                      f"holding it, or a run directory with checkpoint_*/{CHECKPOINT_FILE} inside.")
+
+
+def _mlflow_run_of(source: str, mlflow_client) -> str:
+    """The MLflow run that logged the model `source` names."""
+    if source.startswith("runs:/"):
+        return source.removeprefix("runs:/").split("/")[0]
+    name, _, version = source.removeprefix("models:/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        return mlflow_client.get_model_version_by_alias(name, alias).run_id
+    return mlflow_client.get_model_version(name, version).run_id
+
+
+def from_mlflow(source: str, tracking_uri: str | None = None) -> Path:
+    """The checkpoint.pt of an MLflow model, downloaded into a fresh temporary directory: the file
+    inside the logged model (raysnet logs it there), else, for a model logged without one, the
+    checkpoint its run logged (`checkpoint/`). `tracking_uri` None: $MLFLOW_TRACKING_URI."""
+    import tempfile
+
+    import mlflow
+
+    from raysnet import tracking
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    where = tempfile.mkdtemp(prefix="raysnet-model-")
+    try:
+        with tracking.fluent_uri(uri):
+            mlflow.set_registry_uri(uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=where))
+            found = sorted(local.rglob(CHECKPOINT_FILE)) if local.is_dir() else [local]
+            if not found:
+                run_id = _mlflow_run_of(source, tracking.client(uri))
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/checkpoint",
+                                                                 dst_path=where))
+                found = sorted(local.rglob(CHECKPOINT_FILE))
+    except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for "no such model": one message
+        raise UsageError(f"no model at '{source}' in the MLflow store {uri} ({root_cause(e)}). Expected "
+                         "models:/NAME/VERSION or models:/NAME@ALIAS of a registered model, or runs:/RUN_ID/model "
+                         "of a raysnet run; the store is tracking.uri, else $MLFLOW_TRACKING_URI.") from None
+    if not found:
+        raise UsageError(f"the MLflow model '{source}' holds no raysnet {CHECKPOINT_FILE}, and its run logged no "
+                         "checkpoint: it was not logged by raysnet.train.")
+    return found[0]
 
 
 def _legacy_numpy_globals() -> list:
@@ -103,11 +158,18 @@ def _set_numpy_state(state: tuple | list) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
 
 
+def labels(meta: dict) -> dict:
+    """What a model needs of its dataset to be used on images: the class names (in label order) and
+    the per-channel mean and std it was normalised with (0-255 scale). The crop and resize are the
+    config's (data.crop, data.val_aug, data.val_resize)."""
+    return {"classes": list(meta["classes"]), "mean": list(meta["mean"]), "std": list(meta["std"])}
+
+
 def save(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, cfg: Config, run_id: str,
-         history: list[dict]) -> None:
-    """Write the checkpoint of a finished `epoch` (0-based) to `path`."""
-    torch.save({
+         history: list[dict], dataset: dict | None = None) -> None:
+    """Write the checkpoint of a finished `epoch` (0-based) to `path`; `dataset` is `labels(meta)`."""
+    torch.save({"labels": dataset,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         # Part of the file format: bf16 autocast needs no loss scaler, so this is always None; the
         # key stays so that fp16 training can store its GradScaler without a new format.
@@ -116,6 +178,16 @@ def save(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }, path)
+
+
+MODEL_KEYS = ("model", "config", "labels", "mlflow_run_id")
+
+
+def save_model_only(source: str | Path, path: str | Path) -> None:
+    """A copy of checkpoint `source` with what using the model needs and nothing a resume needs
+    (no optimiser, schedule or random states): the file an MLflow model carries."""
+    raw = _read(Path(source))
+    torch.save({k: raw.get(k) for k in MODEL_KEYS}, path)
 
 
 def restore(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -142,6 +214,13 @@ class Loaded:
     config: Config | None  # the run's config; None for a torchvision state dict
     run_id: str | None  # the MLflow run that wrote it, if any
     raw: dict  # the file's contents
+    path: Path | None = None  # the file it was read from
+
+    @property
+    def labels(self) -> dict | None:
+        """`labels(meta)` of the dataset it was trained on; None for a state dict, or a checkpoint
+        written before checkpoints carried them."""
+        return self.raw.get("labels") if self.config is not None else None
 
 
 SHOW_KEYS = 6  # a failed load names this many keys of each kind
@@ -188,11 +267,12 @@ def _same_network(path: Path, cfg: Config, **given: str | None) -> None:
 
 
 def load_model(path: str | Path, arch: str | None = None, shortcut: str | None = None,
-               variant: str | None = None) -> Loaded:
-    """The model in a raysnet checkpoint (config inside), or in a plain state dict with raysnet's
-    parameter names (`arch` names it; `shortcut`/`variant` default to torchvision's B and v1.5 for
-    the ImageNet depths, whose names match torchvision's, and to the paper's A and v1 for CIFAR's)."""
-    p = find(path)
+               variant: str | None = None, tracking_uri: str | None = None) -> Loaded:
+    """The model in a raysnet checkpoint (config inside; a file, directory or MLflow model URI, see
+    `find`), or in a plain state dict with raysnet's parameter names (`arch` names it;
+    `shortcut`/`variant` default to torchvision's B and v1.5 for the ImageNet depths, whose names
+    match torchvision's, and to the paper's A and v1 for CIFAR's)."""
+    p = find(path, tracking_uri)
     raw = _read(p)
     hint = ""
     if isinstance(raw, dict) and "model" in raw and "config" in raw:
@@ -215,4 +295,4 @@ def load_model(path: str | Path, arch: str | None = None, shortcut: str | None =
                          f"{variant or 'v1'}): {why}.{hint}")
     model.load_state_dict(state, strict=False)  # strict but for num_batches_tracked (misfit)
     run_id = raw.get("mlflow_run_id") if cfg is not None else None
-    return Loaded(model.eval(), cfg, run_id or None, raw)
+    return Loaded(model.eval(), cfg, run_id or None, raw, p)

@@ -84,6 +84,14 @@ def digits(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory, digits) -> Path:
+    """A raysnet checkpoint of a ResNet-20 trained on the digits in-process (tests/trained.py)."""
+    from trained import train_digits
+
+    return train_digits(tmp_path_factory.mktemp("trained"), digits)
+
+
+@pytest.fixture(scope="session")
 def _empty_mlflow_db(tmp_path_factory) -> Path:
     from mlflow import MlflowClient
 

@@ -202,6 +202,7 @@ class Job:
     steps: int  # training steps per epoch
     model: nn.Module  # as trained: wrapped by Ray (DDP), compiled with model.compile
     raw: nn.Module  # the bare network: validated and checkpointed
+    labels: dict  # checkpoint.labels(meta): class names and normalisation, saved with every checkpoint
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     first_epoch: int  # the first this process runs: 0, or the one after a restored checkpoint
@@ -305,6 +306,7 @@ def build(config: dict[str, Any]) -> Job:
     watch = Watch(cfg, steps, world, tracker, config.get("progress", "lines")) if rank == 0 else None
     return Job(cfg=cfg, run_id=run_id, rank=rank, device=device, dtype=autocast_dtype(cfg.run.precision, device),
                train_loader=train_loader, val_loader=val_loader, steps=steps, model=model, raw=raw,
+               labels=checkpoint.labels(meta),
                optimizer=optimizer, scheduler=scheduler, first_epoch=first_epoch, history=history,
                tracker=tracker, watch=watch, monitor=monitor)
 
@@ -404,7 +406,7 @@ def _checkpoint_and_report(job: Job, epoch: int, metrics: dict[str, float]) -> N
         if job.rank == 0:
             checkpoint.save(Path(tmp) / checkpoint.CHECKPOINT_FILE, model=job.raw, optimizer=job.optimizer,
                             scheduler=job.scheduler, epoch=epoch, cfg=job.cfg, run_id=job.run_id,
-                            history=job.history)
+                            history=job.history, dataset=job.labels)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
