@@ -244,6 +244,14 @@ class Job(Service):
             raise AssertionError(f"the job did not end in {timeout:.0f} s\n{self.output()[-4000:]}") from None
 
 
+# How soon the head declares a killed node dead: Ray's GCS checks each raylet every 3 s and gives
+# up after 5 failed checks (about 15 s before a run or a task can move on). A killed node refuses
+# at once, so every 1 s and 4 failures: 4 s; a live but busy node (2 cores under four nodes) still
+# has 4 checks of up to 5 s each to answer one.
+NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "4",
+              "RAY_health_check_timeout_ms": "5000"}
+
+
 class RayCluster:
     """A head with no CPUs (the job's driver and Ray Train's controller need none) and 1-CPU
     worker nodes, each a `ray start --block` in its own namespace, all with token authentication.
@@ -263,7 +271,7 @@ class RayCluster:
         # gcs_server process they can see (the process table is shared) and /tmp/ray, and find
         # other Ray instances of this machine there.
         self.env = base_env(root / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
-                            RAY_API_SERVER_ADDRESS=self.dashboard, **(env or {}))
+                            RAY_API_SERVER_ADDRESS=self.dashboard, **NODE_DEATH, **(env or {}))
         self._start("head", ["--head", "--port=6379", f"--dashboard-host={self.head_ip}", "--dashboard-port=8265",
                              "--num-cpus=0"])
         for _ in range(workers):
