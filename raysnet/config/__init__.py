@@ -1,7 +1,8 @@
 """Resolve a `Config` from recipe files and `key=value` overrides (OmegaConf does the parsing).
 
 Grammar, as in Hydra's config groups:
-  recipe=NAME      picks raysnet/recipes/NAME.yaml (default: imagenet-paper for ImageNet depths, else digits),
+  recipe=NAME      picks raysnet/recipes/NAME.yaml (default: finetune with model.init, else imagenet-paper for
+                   ImageNet depths, else digits),
                    or a YAML recipe of your own (recipe=path/to/mine.yaml; its base: may name a built-in one)
   data=NAME        picks raysnet/recipes/data/NAME.yaml, or a YAML file of your own (data=path/to/mine.yaml)
   data.root=DIR    sets a field of the selected dataset recipe; likewise every other dotted key
@@ -30,8 +31,8 @@ from raysnet.models import get_arch, list_models
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrackingConfig",
-    "check_run_name", "data_root", "flatten", "from_dict", "from_yaml", "load_config", "recipes", "resolve_root",
-    "to_dict", "to_yaml",
+    "check_run_name", "data_root", "flatten", "freeze_stages", "from_dict", "from_yaml", "load_config", "recipes",
+    "resolve_root", "to_dict", "to_yaml",
 ]
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -188,8 +189,13 @@ def resolve_root(root: str) -> str:
 
 
 def _default_recipe(layers: list[tuple[str, DictConfig]]) -> str:
-    """The recipe follows the architecture unless named: the paper trains ImageNet depths on
-    ImageNet, and everything else starts from the embedded digits quickstart."""
+    """The recipe follows what is asked unless named: starting from existing weights (model.init) is
+    a fine-tune, with its short schedule; the paper trains ImageNet depths on ImageNet, and
+    everything else starts from the embedded digits quickstart."""
+    init = next((node.model.init for _, node in reversed(layers)
+                 if isinstance(node.get("model"), DictConfig) and "init" in node.model), "")
+    if init:
+        return "finetune"
     arch = next((str(node.arch) for _, node in reversed(layers) if "arch" in node), "")
     return "imagenet-paper" if arch in list_models() and get_arch(arch).family == "imagenet" else "digits"
 
@@ -289,6 +295,32 @@ def validate(cfg: Config) -> None:
                           "(e.g. 0.2, five workers sharing it) or a whole number of GPUs.")
     check_run_name(cfg.run.name)
     _validate_watching(cfg)
+    _validate_finetune(cfg)
+
+
+def freeze_stages(arch: str) -> list[str]:
+    """What model.freeze may name for `arch`, in the order the input meets them: the stem (conv1,
+    bn1), then the stages layer1.. (the module names of raysnet.models.resnet)."""
+    return ["stem", *(f"layer{i + 1}" for i in range(len(get_arch(arch).blocks)))]
+
+
+def _validate_finetune(cfg: Config) -> None:
+    """model.init, model.init_lr_scale and model.freeze (the source itself is read by the preflight)."""
+    scale = cfg.model.init_lr_scale
+    if not 0 < scale <= 1:
+        raise ConfigError(f"bad value for 'model.init_lr_scale': {scale}. Expected a fraction of optim.lr above 0 "
+                          "and at most 1 for the loaded layers (0.1: a tenth; 1: the same lr as the fresh ones).")
+    if not cfg.model.freeze:
+        return
+    stages = freeze_stages(cfg.arch)
+    if cfg.model.freeze not in stages:
+        raise ConfigError(f"bad value for 'model.freeze': {cfg.model.freeze!r}. Expected one of {', '.join(stages)} "
+                          f"(the stages of {cfg.arch}; everything up to and including it is frozen), or empty.")
+    # Frozen random weights are never what is meant: the stages frozen are those model.init loads.
+    if not cfg.model.init:
+        raise ConfigError(f"model.freeze={cfg.model.freeze} freezes weights that model.init loads, but model.init is "
+                          "empty, so it would freeze random ones. Give model.init=SOURCE (a checkpoint, "
+                          "models:/NAME/VERSION, runs:/RUN_ID/model), or leave model.freeze empty.")
 
 
 def _check_finite(cfg: Config) -> None:

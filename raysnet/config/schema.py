@@ -22,6 +22,17 @@ class ModelConfig:
     # cudagraphs backend: no kernel generation, so it compiles in seconds).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
                           "cudagraphs"] = "default"
+    # Fine-tuning: start from the weights at `init` (anything `raysnet.checkpoint.load_model` reads: a
+    # checkpoint file, checkpoint or run directory, models:/NAME/VERSION, models:/NAME@alias,
+    # runs:/RUN_ID/model, or a plain state dict read as this run's arch). Every tensor whose name and
+    # shape fit this run's network is loaded; the head (fc) is left fresh when the classes differ.
+    # An initialisation, not a resume: epoch 0, a fresh optimiser and schedule. Empty: random init.
+    init: str = ""
+    # The lr of every loaded parameter, as a fraction of optim.lr (the fresh head gets all of it).
+    init_lr_scale: float = 0.1
+    # Freeze everything up to and including this stage: "stem" (conv1, bn1), "layer1", "layer2", ...
+    # (no gradient, no update, BatchNorm statistics kept). Needs `init`. Empty: train everything.
+    freeze: str = ""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from torch import nn
 from raysnet import checkpoint
 from raysnet.config import Config, from_dict
 from raysnet.models import build_model
+from raysnet.train import finetune
 from raysnet.train.schedule import base_lr, lr_factor
 
 if TYPE_CHECKING:
@@ -142,21 +143,21 @@ def validate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     return stats.reduce()
 
 
-def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, cfg: Config, fresh: set[str] | None = None) -> list[dict[str, Any]]:
     """One group with the recipe's weight decay; with optim.wd_bn_bias=false, a second group of
-    BN weights and biases and every bias (the 1-d tensors) without it (FFCV's ImageNet recipe)."""
-    if cfg.optim.wd_bn_bias:
-        return [{"params": list(model.parameters())}]
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1]},  # conv and fc weights
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    BN weights and biases and every bias (the 1-d tensors) without it (FFCV's ImageNet recipe);
+    fine-tuning splits each by where the parameters came from (`finetune.param_groups`). Frozen
+    parameters are in none."""
+    return finetune.param_groups(model, cfg, fresh)
 
 
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
+                   fresh: set[str] | None = None) -> torch.optim.Optimizer:
+    """`fresh`: with model.init, the parameters it left as built (the rest train at model.init_lr_scale)."""
     # Paper §3.4: SGD, momentum 0.9, weight decay 1e-4 on every parameter. Fused kernels on GPU
     # (one kernel for the whole update), multi-tensor (foreach) kernels on CPU.
     fused = device.type == "cuda"
-    return torch.optim.SGD(param_groups(model, cfg), lr=base_lr(cfg), momentum=cfg.optim.momentum,
+    return torch.optim.SGD(param_groups(model, cfg, fresh), lr=base_lr(cfg), momentum=cfg.optim.momentum,
                            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
                            fused=fused or None, foreach=None if fused else True)
 
@@ -202,6 +203,7 @@ class Job:
     steps: int  # training steps per epoch
     model: nn.Module  # as trained: wrapped by Ray (DDP), compiled with model.compile
     raw: nn.Module  # the bare network: validated and checkpointed
+    frozen_norms: list[nn.Module]  # BatchNorm layers of the stages model.freeze froze: kept in eval mode
     labels: dict  # checkpoint.labels(meta): class names and normalisation, saved with every checkpoint
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -241,15 +243,21 @@ def _loaders(cfg: Config, meta: dict[str, Any], world: int, device: torch.device
                         distributed=world > 1, channels_last=cfg.model.channels_last)
 
 
-def _network(cfg: Config, classes: int) -> tuple[nn.Module, nn.Module]:
-    """(the model as trained, the bare network): wrapped by Ray (DDP across workers), then compiled."""
+def _network(cfg: Config, classes: int, initialise: bool) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
+    """(the model as trained, the bare network, the BatchNorm layers frozen): `initialise` loads the
+    run's initial weights (model.init) first; model.freeze freezes before DDP, which then leaves
+    those parameters out; then wrapped by Ray (DDP across workers, rank 0's parameters broadcast),
+    then compiled."""
     import ray.train.torch
 
     raw = build_model(cfg.arch, num_classes=classes, shortcut=cfg.model.shortcut, variant=cfg.model.variant)
+    if initialise:
+        finetune.load(raw, cfg)
+    norms = finetune.freeze(raw, cfg)
     if cfg.model.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs=ddp_kwargs(cfg))
-    return compiled(model, cfg), raw
+    return compiled(model, cfg), raw, norms
 
 
 def compiled(model: nn.Module, cfg: Config) -> nn.Module:
@@ -261,12 +269,9 @@ def compiled(model: nn.Module, cfg: Config) -> nn.Module:
     return torch.compile(model, mode=cfg.model.compile_mode)
 
 
-def _restore(raw: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[int, list[dict[str, float]]]:
-    """(first epoch to run, history): from Ray's latest checkpoint after a worker failure or a rerun
-    with the same run.name; (0, []) for a new run."""
-    import ray.train
-
-    latest = ray.train.get_checkpoint()
+def _restore(latest, raw: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[int, list[dict[str, float]]]:
+    """(first epoch to run, history): from Ray's latest checkpoint (`latest`) after a worker failure
+    or a rerun with the same run.name; (0, []) for a new run."""
     if not latest:
         return 0, []
     with latest.as_directory() as d:
@@ -291,13 +296,15 @@ def build(config: dict[str, Any]) -> Job:
     train_loader, val_loader = _loaders(cfg, meta, world, device)
     clock.append(time.perf_counter())
     steps = steps_per_epoch(meta["splits"]["train"]["samples"], cfg.batch_size, world, cfg.run.max_steps)
-    model, raw = _network(cfg, len(meta["classes"]))
+    # A run with a checkpoint of its own continues from it: model.init's weights start new runs only.
+    latest = ray.train.get_checkpoint()
+    model, raw, frozen_norms = _network(cfg, len(meta["classes"]), initialise=bool(cfg.model.init) and not latest)
     # The schedule is per iteration, so milestones fall where the paper puts them.
-    optimizer = make_optimizer(raw, cfg, device)
+    optimizer = make_optimizer(raw, cfg, device, finetune.fresh_names(cfg))
     total = steps * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
     clock.append(time.perf_counter())
-    first_epoch, history = _restore(raw, optimizer, scheduler, device)
+    first_epoch, history = _restore(latest, raw, optimizer, scheduler, device)
     clock.append(time.perf_counter())
     tracker = Tracker(cfg, run_id) if rank == 0 else None
     if tracker:
@@ -306,6 +313,7 @@ def build(config: dict[str, Any]) -> Job:
     watch = Watch(cfg, steps, world, tracker, config.get("progress", "lines")) if rank == 0 else None
     return Job(cfg=cfg, run_id=run_id, rank=rank, device=device, dtype=autocast_dtype(cfg.run.precision, device),
                train_loader=train_loader, val_loader=val_loader, steps=steps, model=model, raw=raw,
+               frozen_norms=frozen_norms,
                labels=checkpoint.labels(meta),
                optimizer=optimizer, scheduler=scheduler, first_epoch=first_epoch, history=history,
                tracker=tracker, watch=watch, monitor=monitor)
@@ -354,6 +362,7 @@ def _train(job: Job, warm: int) -> tuple[dict[str, float], float]:
     """An epoch of training steps: (EpochStats.reduce() over workers, images/s after `warm` steps).
     Rank 0's watch sees every step without waiting for the device (raysnet.train.progress)."""
     job.model.train()
+    finetune.keep_frozen(job.frozen_norms)
     stats, watch = EpochStats(job.device), job.watch
     timed_start, done, lr = time.perf_counter(), 0, job.optimizer.param_groups[0]["lr"]
     for step, (images, labels) in enumerate(job.train_loader):
