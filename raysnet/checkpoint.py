@@ -43,9 +43,11 @@ def is_mlflow_uri(source: str | Path) -> bool:
 
 def find(path: str | Path, tracking_uri: str | None = None) -> Path:
     """checkpoint.pt itself, a checkpoint directory holding it, a run directory (its latest
-    checkpoint), or an MLflow model URI (downloaded: see `from_mlflow`)."""
+    checkpoint), an MLflow model URI (downloaded: see `from_mlflow`), or an object-store URI (`from_uri`)."""
     if is_mlflow_uri(path):
         return from_mlflow(str(path), tracking_uri)
+    if "://" in str(path):
+        return from_uri(str(path))
     p = Path(path).expanduser()
     if p.is_file():
         return p
@@ -56,6 +58,30 @@ def find(path: str | Path, tracking_uri: str | None = None) -> Path:
         return found[-1]
     raise UsageError(f"no raysnet checkpoint at '{p}': give checkpoint=PATH to a {CHECKPOINT_FILE}, the directory "
                      f"holding it, or a run directory with checkpoint_*/{CHECKPOINT_FILE} inside.")
+
+
+def from_uri(uri: str) -> Path:
+    """A checkpoint in object storage (s3://bucket/run/checkpoint.pt, or the prefix holding one),
+    downloaded into a fresh temporary directory."""
+    import tempfile
+
+    from pyarrow import fs
+
+    from raysnet.storage import CHUNK, open_uri
+
+    filesystem, where = open_uri(uri, "model")
+    local = Path(tempfile.mkdtemp(prefix="raysnet-model-")) / CHECKPOINT_FILE
+    try:
+        if filesystem.get_file_info(where).type == fs.FileType.Directory:
+            where = f"{where}/{CHECKPOINT_FILE}"
+        with filesystem.open_input_stream(where) as src, open(local, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                dst.write(chunk)
+    except OSError as e:
+        raise UsageError(f"no raysnet checkpoint at '{uri}' ({str(e).splitlines()[0]}): give the URI of a "
+                         f"{CHECKPOINT_FILE} or of the prefix holding one, reachable with this machine's "
+                         "credentials (AWS_* variables for s3://).") from None
+    return local
 
 
 def _mlflow_run_of(source: str, mlflow_client) -> str:
@@ -104,7 +130,7 @@ def from_mlflow(source: str, tracking_uri: str | None = None) -> Path:
 def _legacy_numpy_globals() -> list:
     """What `np.random.get_state()`'s uint32 array needs from the unpickler: checkpoints written
     before the numpy state was stored as plain data (`_numpy_state`) hold that array pickled by
-    numpy. Only these are allowed, and only while `_read` reads (torch's list stays as it was)."""
+    numpy. Only these are allowed, and only while `read` reads (torch's list stays as it was)."""
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy 1
@@ -123,7 +149,7 @@ def _foreign_globals(path: Path, error: str) -> str:
     return f" (it asks for {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
 
 
-def _read(path: Path, device: torch.device | str = "cpu") -> Any:
+def read(path: Path, device: torch.device | str = "cpu") -> Any:
     """The one reader of checkpoints and state dicts: torch.load(weights_only=True), so a file can
     hold tensors and plain data but never run code, whoever wrote it."""
     try:
@@ -186,14 +212,14 @@ MODEL_KEYS = ("model", "config", "labels", "mlflow_run_id")
 def save_model_only(source: str | Path, path: str | Path) -> None:
     """A copy of checkpoint `source` with what using the model needs and nothing a resume needs
     (no optimiser, schedule or random states): the file an MLflow model carries."""
-    raw = _read(Path(source))
+    raw = read(Path(source))
     torch.save({k: raw.get(k) for k in MODEL_KEYS}, path)
 
 
 def restore(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> tuple[int, list[dict]]:
     """Load `path` into the model, optimiser, schedule and random states -> (next epoch, history)."""
-    ckpt = _read(Path(path), device)
+    ckpt = read(Path(path), device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -243,7 +269,7 @@ def misfit(model: nn.Module, state: dict) -> str:
     return "; ".join(parts)
 
 
-def _plain_state(raw: dict) -> dict | None:
+def plain_state(raw: dict) -> dict | None:
     """A ResNet state dict as published: itself, or under "state_dict"/"model", keys perhaps
     prefixed "module." (DataParallel) -> keys as raysnet's; None if it is not one."""
     state = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
@@ -273,13 +299,13 @@ def load_model(path: str | Path, arch: str | None = None, shortcut: str | None =
     `shortcut`/`variant` default to torchvision's B and v1.5 for the ImageNet depths, whose names
     match torchvision's, and to the paper's A and v1 for CIFAR's)."""
     p = find(path, tracking_uri)
-    raw = _read(p)
+    raw = read(p)
     hint = ""
     if isinstance(raw, dict) and "model" in raw and "config" in raw:
         cfg, state = from_dict(raw["config"]), raw["model"]
         _same_network(p, cfg, arch=arch, shortcut=shortcut, variant=variant)
         arch, shortcut, variant = cfg.arch, cfg.model.shortcut, cfg.model.variant
-    elif (state := _plain_state(raw)) is not None:
+    elif (state := plain_state(raw)) is not None:
         if not arch:
             raise UsageError(f"'{p}' is a plain state dict; name its architecture with arch=resnet50 (etc.).")
         cfg, imagenet = None, get_arch(arch).family == "imagenet"

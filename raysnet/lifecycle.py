@@ -41,7 +41,9 @@ from raysnet.errors import DEBUG_ENV, UsageError, root_cause  # noqa: E402
 from raysnet.ray_address import check_ray_address, local_ray  # noqa: E402
 
 CONFIG_FILE = "raysnet-config.yaml"
-# Keys a resumed run may change: they alter how it runs, not what it computes.
+# Keys a resumed run may change: they alter how it runs, not what it computes. (Not model.init,
+# model.init_lr_scale or model.freeze: where the weights start, how fast they move and which stay
+# fixed are what a run computes; a rerun that changes them is refused by `check_resume`.)
 RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run.cpus_per_worker",
                   "data.loader_workers", "tracking.log_model", "model.compile", "model.compile_mode",
                   "run.ddp_static_graph", "data.loader", "run.progress_s", "tracking.step_every",
@@ -205,8 +207,9 @@ def _check_local_gpus(cfg: Config) -> None:
                          "train on CPUs, fewer run.workers, or submit to a cluster with GPUs (`ray job submit`).")
 
 
-def preflight(cfg: Config) -> tuple[Config, dict, bool]:
-    """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed)
+def preflight(cfg: Config) -> tuple[Config, dict, bool, Any]:
+    """Everything cheap that can fail, before Ray starts. -> (finalized config, dataset meta, resumed,
+    the initialisation of model.init (raysnet.train.finetune.Init) or None)
     The resume check comes last: it writes the run's config, which only a run that can start may do."""
     from raysnet.config import check_run_name
     from raysnet.data import check_dataset, ensure_dataset
@@ -229,7 +232,28 @@ def preflight(cfg: Config) -> tuple[Config, dict, bool]:
 
         resident.check(cfg.data, meta)
     tracking.check_reachable(cfg.tracking.uri)
-    return cfg, meta, check_resume(cfg)
+    init = _initialisation(cfg, meta)
+    resumed = check_resume(cfg)
+    if init is not None:
+        from raysnet.train import finetune
+
+        finetune.write(cfg, init)  # into the run's directory, where every worker reads it
+        print(init.line, flush=True)
+    return cfg, meta, resumed, init
+
+
+def _initialisation(cfg: Config, meta: dict):
+    """model.init read and matched to this run (a misfit is one paragraph here, before Ray), or None:
+    without model.init, and for a run with a checkpoint of its own, which continues from that
+    checkpoint (or is refused by check_resume) and never reads the source again."""
+    if not cfg.model.init:
+        return None
+    filesystem, root = storage.open_uri(cfg.run.storage, "run.storage")
+    if _has_checkpoint(filesystem, f"{root}/{cfg.run.name}"):
+        return None
+    from raysnet.train import finetune
+
+    return finetune.prepare(cfg, list(meta["classes"]))
 
 
 def steps_per_epoch(cfg: Config, meta: dict) -> int:
@@ -423,7 +447,7 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
     MLflow run under a sweep's parent; `tags` are added to it; `callbacks` go to Ray Train; `title`
     is the name the MLflow UI lists it by (default run.name)."""
     start = time.perf_counter()
-    cfg, meta, resumed = preflight(cfg)
+    cfg, meta, resumed, init = preflight(cfg)
     print(f"raysnet: checked the config, the dataset and the tracking store in {time.perf_counter() - start:.1f} s",
           flush=True)
     cpus = cfg.run.workers * cfg.run.cpus_per_worker
@@ -431,7 +455,8 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
     gpus = gpus_per_worker(cfg)
     steps = steps_per_epoch(cfg, meta)
     nest = {tracking.PARENT_TAG: parent_run_id} if parent_run_id else {}
-    run_id, _ = tracking.open_run(cfg, {**tracking.run_tags(cfg, hardware(gpus, cfg)), **(tags or {}), **nest},
+    own = tracking.run_tags(cfg, hardware(gpus, cfg), init_run_id=init.run_id if init else None)
+    run_id, _ = tracking.open_run(cfg, {**own, **(tags or {}), **nest},
                                   {tracking.STEPS_PARAM: steps}, title=title)
     print(f"raysnet: {'resuming' if resumed else 'training'} {_describe(cfg, meta, gpus, steps)}; run {cfg.run.name}; "
           f"starting the workers", flush=True)
@@ -448,13 +473,17 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
 def _describe(cfg: Config, meta: dict, gpus: float, steps: int) -> str:
     from raysnet.models import get_arch
 
-    return (f"{cfg.arch} ({get_arch(cfg.arch).depth} layers) on {cfg.data.name} [{len(meta['classes'])} classes], "
-            f"{cfg.epochs} epochs of {steps} steps, global batch {cfg.batch_size} over {cfg.run.workers} "
-            f"worker(s){f' with {gpus} GPU(s) each' if gpus else ''}")
+    start = f" from {cfg.model.init}" if cfg.model.init else ""
+    frozen = f", frozen up to {cfg.model.freeze}" if cfg.model.freeze else ""
+    return (f"{cfg.arch} ({get_arch(cfg.arch).depth} layers){start}{frozen} on {cfg.data.name} "
+            f"[{len(meta['classes'])} classes], {cfg.epochs} epochs of {steps} steps, global batch {cfg.batch_size} "
+            f"over {cfg.run.workers} worker(s){f' with {gpus} GPU(s) each' if gpus else ''}")
 
 
 def finish(cfg: Config, run_id: str, result: Any) -> int:
     """Close the MLflow run with the model, or explain why the run stopped. -> exit status"""
+    import tempfile
+
     import torch
 
     from raysnet.train.worker import NONFINITE_NOTE, pop_note
@@ -467,10 +496,15 @@ def finish(cfg: Config, run_id: str, result: Any) -> int:
         tracking.fail_run(cfg, run_id, why, diverged=True)
         return 1
     m = {k: (result.metrics or {}).get(k, float("nan")) for k in ("val_err", "val_err_top5", "train_err")}
-    with result.checkpoint.as_directory() as d:
-        model = checkpoint.load_model(Path(d) / checkpoint.CHECKPOINT_FILE).model
+    with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="raysnet-model-") as slim:
+        file = Path(d) / checkpoint.CHECKPOINT_FILE
+        served = network = None
+        if cfg.tracking.log_model:
+            from raysnet import serving  # imports MLflow: only for a run that logs its model
+
+            served, network = serving.package(file, slim), checkpoint.load_model(file).model
         # A batch of 2: torch.export keeps the batch dimension dynamic (with 1 it specializes it, and warns).
-        registered = tracking.finish_run(cfg, run_id, d, model, val_err=m["val_err"],
+        registered = tracking.finish_run(cfg, run_id, d, served, network, val_err=m["val_err"],
                                          example=torch.zeros(2, 3, cfg.data.crop, cfg.data.crop))
     experiment = tracking.client(cfg.tracking.uri).get_run(run_id).info.experiment_id
     print(f"raysnet: done. val_err {m['val_err']:.2f}% (top-5 {m['val_err_top5']:.2f}%), train_err "

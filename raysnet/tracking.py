@@ -16,7 +16,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from raysnet.config import Config, flatten, to_yaml
 from raysnet.errors import UsageError
@@ -46,6 +46,10 @@ STEP_POINTS = 30  # tracking.step_every=null: about this many points per epoch
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 UI_WORKFLOW = "workflowType=machine_learning"
+# The run's logged models: the served classifier (images in, class names out; raysnet.serving),
+# what tracking.register registers, and the bare nn.Module (a float batch in, logits out).
+MODEL_NAME, NETWORK_NAME = "model", "network"
+MODEL_ARTIFACT = "checkpoint"  # the served model's artifact: the run's slim checkpoint file
 NODE_TAG = "raysnet.node"  # raysnet.node.node<i>: which machine system/node<i>/... was measured on
 
 
@@ -170,8 +174,12 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def run_tags(cfg: Config, hardware: str) -> dict[str, str]:
-    """What the MLflow UI groups and compares by."""
+INIT_TAG = "raysnet.init"  # a fine-tune's model.init: where its weights started
+INIT_RUN_TAG = "raysnet.init_run_id"  # and the MLflow run that trained them, when known
+
+
+def run_tags(cfg: Config, hardware: str, init_run_id: str | None = None) -> dict[str, str]:
+    """What the MLflow UI groups and compares by; `init_run_id`: the MLflow run of model.init's weights."""
     from importlib.metadata import version
 
     import ray
@@ -189,6 +197,8 @@ def run_tags(cfg: Config, hardware: str) -> dict[str, str]:
         "ray_version": ray.__version__, "torch_version": torch.__version__,
         "ffcv_version": version("ffcv"), "hardware": hardware,
         "python": platform.python_version(),
+        **({INIT_TAG: cfg.model.init} if cfg.model.init else {}),
+        **({INIT_RUN_TAG: init_run_id} if init_run_id else {}),
     }
 
 
@@ -311,47 +321,69 @@ def start_system_metrics(cfg: Config, run_id: str, node: str, where: str):
 
 @contextlib.contextmanager
 def fluent_uri(uri: str):
-    """Point MLflow's fluent API (mlflow.start_run, log_model) at `uri` for a while.
-    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI for the whole process, which would
-    send every later run in this process to this store: both are put back."""
+    """Point MLflow's fluent API (mlflow.start_run, log_model, register_model, models:/ look-ups)
+    at `uri` for a while, its model registry too. mlflow.set_tracking_uri and set_registry_uri also
+    set MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI for the whole process, which would send every
+    later run or registered version in this process to this store: all are put back."""
     import mlflow
 
     env, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    registry = os.environ.get("MLFLOW_REGISTRY_URI")  # set_registry_uri mirrors every setting here
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
+        mlflow.set_registry_uri(registry)  # None: the registry follows the tracking URI again
+        for name, value in (("MLFLOW_TRACKING_URI", env), ("MLFLOW_REGISTRY_URI", registry)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
-def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, model, example=None,
-               val_err: float = float("nan")) -> str | None:
-    """Artifacts at the end: the last checkpoint and the model in MLflow's format, registered as
-    tracking.register when set. -> the registered model's "name version N", or None"""
+class ServedModel(NamedTuple):
+    """A python_function model to log from code (raysnet.serving.package makes raysnet's)."""
+
+    code: str  # the file MLflow copies into the model and runs to load it
+    artifacts: dict[str, str]  # name -> local file, copied into the model
+    signature: Any  # mlflow.models.ModelSignature
+    pip_requirements: list[str]
+    input_example: Any = None  # checked by MLflow when logging, kept as the request to copy
+
+
+def finish_run(cfg: Config, run_id: str, checkpoint_dir: str | None, served: ServedModel | None = None,
+               network=None, example=None, val_err: float = float("nan")) -> str | None:
+    """Artifacts at the end: the last checkpoint, and when tracking.log_model the served model as
+    MODEL_NAME (registered as tracking.register when set) with the bare network beside it as
+    NETWORK_NAME. -> the registered model's "name version N", or None"""
     records = client(cfg.tracking.uri)
     if checkpoint_dir:
         records.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
     registered = None
-    if model is not None and cfg.tracking.log_model:
-        model_uri = _log_model(cfg, run_id, model, example)
+    if served is not None and cfg.tracking.log_model:
+        model_uri = _log_model(cfg, run_id, served, network, example)
         if cfg.tracking.register:
             registered = register(cfg, run_id, model_uri, val_err)
     records.set_terminated(run_id, status="FINISHED")
     return registered
 
 
-def _log_model(cfg: Config, run_id: str, model, example) -> str:
+def _log_model(cfg: Config, run_id: str, served: ServedModel, network=None, example=None) -> str:
+    """Log `served` as MODEL_NAME and `network` (an nn.Module, or None) as NETWORK_NAME, its input
+    `example` a batch (MLflow's pt2 format traces the network on it). -> the served model's URI"""
     import mlflow
     import torch
 
     with fluent_uri(cfg.tracking.uri), mlflow.start_run(run_id=run_id):
-        # Explicit requirements: MLflow's inference imports the world and takes minutes.
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=served.code, artifacts=served.artifacts,
+                                       signature=served.signature, pip_requirements=served.pip_requirements,
+                                       input_example=served.input_example)
+        if network is not None:
+            # Explicit requirements: MLflow's inference of them imports the world and takes minutes.
+            mlflow.pytorch.log_model(network, name=NETWORK_NAME, input_example=example.numpy(),
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     return info.model_uri
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import re
@@ -17,7 +18,9 @@ import psutil
 import pytest
 import torch
 from clitools import one_paragraph, ray_started, run_cli
+from PIL import Image
 from servers import free_port, wait_until_up
+from trained import images
 
 from raysnet.config import load_config
 
@@ -108,7 +111,7 @@ RECORDED = "the recorded scenario's set-up: Ray's job agent, a run whose killed 
 
 @pytest.mark.e2e
 @pytest.mark.budget(300, RECORDED)
-def test_a_submitted_job_survives_a_killed_worker_and_records_everything(recorded):
+def test_a_submitted_job_survives_a_killed_worker_and_records_everything(recorded, digits):
     tmp_path, uri, out = recorded
     assert "succeeded" in out and "raysnet: done" in out
     assert "resuming" not in out  # a worker's loss is not a driver's rerun
@@ -146,6 +149,20 @@ def test_a_submitted_job_survives_a_killed_worker_and_records_everything(recorde
     version = client.get_model_version("digits-e2e", "1")
     assert version.run_id == run.info.run_id
     assert f"val_err {run.data.metrics['val_err']:.2f}%" in version.description
+    # The registered model is the classifier (raysnet.serving): an image in, class names out; the
+    # bare network is logged beside it.
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert sorted(m.name for m in logged if m.source_run_id == run.info.run_id) == ["model", "network"]
+    assert version.source == f"models:/{next(m.model_id for m in logged if m.name == 'model')}"
+    import mlflow
+
+    from raysnet import tracking
+
+    png = io.BytesIO()
+    Image.fromarray(images(digits, "val")[0][0]).save(png, "PNG")
+    with tracking.fluent_uri(uri):
+        row = mlflow.pyfunc.load_model("models:/digits-e2e/1").predict([png.getvalue()]).iloc[0]
+    assert row["error"] == "" and len(row["classes"]) == 5 and set(row["classes"]) <= set("0123456789")
 
 
 def _browser():
