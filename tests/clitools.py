@@ -30,6 +30,7 @@ MODULES = {
     "raysnet.analyze": "raysnet.analyze",
     "raysnet.report": "raysnet.report",
     "raysnet.prepare": "raysnet.prepare",
+    "raysnet.predict": "raysnet.predict",
 }
 
 

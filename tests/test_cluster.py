@@ -426,3 +426,59 @@ def test_prepare_on_the_cluster_is_the_local_prepare_even_when_a_node_is_lost(wo
         (mine["skipped"], mine["mean"], mine["std"], mine["pca"])
     assert [s["path"] for s in meta["skipped"]] == ["train/bee/cut.jpg", "val/cat/readme.jpg"]
     assert sum(meta["write"]["encoded_on"].values()) == 482, meta["write"]  # files read, by Ray node id
+
+
+# Ray's state API, asked from inside the head: the nodes that ran a job's Ray Data work of raysnet.predict,
+# by node address: its model actors, and its reading tasks (a stage of their own, not fused into the actors).
+PREDICT_NODES = (
+    "import json, sys\n"
+    "from ray.util.state import list_actors, list_jobs, list_nodes, list_tasks\n"
+    "job = next(j.job_id for j in list_jobs() if j.submission_id == sys.argv[1])\n"
+    "ips = {n.node_id: n.node_ip for n in list_nodes(limit=10000)}\n"
+    "actors = list_actors(filters=[('job_id', '=', job)], limit=10000, detail=True, raise_on_missing_output=False)\n"
+    "tasks = list_tasks(filters=[('job_id', '=', job)], limit=10000, detail=True, raise_on_missing_output=False)\n"
+    "ran = lambda nodes: sorted({ips[n] for n in nodes if n in ips})  # a task not yet placed has no node\n"
+    "print(json.dumps({'actors': ran(a.node_id for a in actors if a.class_name == 'MapWorker(MapBatches(Predict))'),\n"
+    "                  'tasks': ran(t.node_id for t in tasks if t.name == 'MapBatches(read_and_preprocess)')}))\n")
+
+
+def test_predict_on_the_cluster_reads_the_bucket_spreads_over_both_nodes_and_gives_the_local_rows(world, tmp_path,
+                                                                                                 trained_digits, digits):
+    """`ray job submit -- python -m raysnet.predict model=s3://... images=s3://... out=s3://...
+    engine=ray concurrency=2`: the model and the images in the bucket, Ray Data's reading tasks and
+    model actors on both worker nodes, and the rows written to the bucket are a local run's."""
+    from test_predict import make_folder, same_rows
+
+    from raysnet import predict
+    from raysnet.predict_io import read_rows
+
+    started = time.monotonic()
+    folder = make_folder(tmp_path / "imgs", digits)
+    assert predict.run([f"model={trained_digits}", f"images={folder}", f"out={tmp_path / 'local.jsonl'}",
+                        "engine=local"]) == 0
+    where = f"s3://{Stores.BUCKET}/predict"
+    for src, dst in ((folder, f"{where}/imgs"), (trained_digits, f"{where}/model/checkpoint.pt")):
+        upload = world.net.run("store", [sys.executable, "-c", UPLOAD, str(src), dst], env=world.stores.env,
+                               capture_output=True, text=True, timeout=120)
+        assert upload.returncode == 0, upload.stderr[-2000:]
+    while len(live := [n for n in world.cluster.nodes if n != "head" and world.net.pids(n)]) < 2:
+        world.cluster.add_node()  # the tests before lost nodes
+    ready = time.monotonic()
+
+    job = world.cluster.submit(["python", "-m", "raysnet.predict", f"model={where}/model/checkpoint.pt",
+                                f"images={where}/imgs", f"out={where}/preds.jsonl", "engine=ray", "concurrency=2",
+                                "batch_size=48"], cwd=str(REPO), name="predict")
+    assert job.wait(timeout=300) == 0, job.output()[-4000:]
+    print(f"\npredict on the cluster: local run and upload {ready - started:.1f} s, the job "
+          f"{time.monotonic() - job.started:.1f} s")
+    there = [json.loads(line) for line in world.stores.read("predict/preds.jsonl").decode().splitlines()]
+    same_rows(read_rows(tmp_path / "local.jsonl"), there, (str(folder), f"{where}/imgs"))
+    assert "152 predicted, 2 unreadable" in job.output(), job.output()[-4000:]
+
+    done = world.net.run("head", [sys.executable, "-c", PREDICT_NODES, "predict"], env=world.cluster.env,
+                         capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    nodes = json.loads(done.stdout.splitlines()[-1])
+    workers = {world.net.addr[n] for n in live}
+    assert len(nodes["actors"]) == 2 and set(nodes["actors"]) <= workers, (nodes, live)  # one actor a node
+    assert len(nodes["tasks"]) >= 2 and set(nodes["tasks"]) <= workers, (nodes, live)

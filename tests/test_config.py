@@ -219,6 +219,7 @@ ANSWERS_AT_ONCE = {
     "raysnet.evaluate": [["--help"]],
     "raysnet.analyze": [["--help"]],
     "raysnet.report": [["--help"]],
+    "raysnet.predict": [["--help"]],
 }
 HEAVY = ("torch", "torchvision", "ffcv", "numba", "ray", "mlflow")
 # Wall clock of a fresh interpreter running one entry point's commands above: about 0.3-0.6 s on
