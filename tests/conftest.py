@@ -85,10 +85,17 @@ def digits(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory, digits) -> Path:
-    """A raysnet checkpoint of a ResNet-20 trained on the digits in-process (tests/trained.py)."""
+    """A raysnet checkpoint of a ResNet-20 trained on the digits in-process (tests/trained.py), once
+    a run: the first xdist worker to need it trains it into the run's shared base directory, under a
+    lock, and the other reads it (training twice cost the quick loop 25 s)."""
+    from filelock import FileLock
     from trained import train_digits
 
-    return train_digits(tmp_path_factory.mktemp("trained"), digits)
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained-digits"  # the run's own
+    with FileLock(f"{shared}.lock"):
+        done = shared / "checkpoint.pt"
+        return done if done.is_file() else train_digits(shared, digits)
 
 
 @pytest.fixture(scope="session")

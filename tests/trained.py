@@ -1,4 +1,4 @@
-"""A ResNet-20 trained on the prepared digits in this process (no Ray: about 25 s on one core, 99%
+"""A ResNet-20 trained on the prepared digits in this process (no Ray: about 11 s on one core, 98%
 right on the validation images), saved as a raysnet checkpoint with its labels: the model the
 tests of predict, the MLflow model and serving use. Training through Ray is the train tests' job."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-EPOCHS, BATCH = 4, 64
+EPOCHS, BATCH = 2, 32
 
 
 def images(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +39,7 @@ def train_digits(folder: Path, root: str) -> Path:
     model = build_model("resnet20", num_classes=len(meta["classes"]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     steps = EPOCHS * (len(x) // BATCH)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.2, total_steps=steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=steps)
     model.train()
     for _ in range(EPOCHS):
         order = torch.randperm(len(x))
