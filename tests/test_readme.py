@@ -65,6 +65,10 @@ def check(capsys, tool: str, args: list[str]) -> None:
         data = [a for a in args if a.partition("=")[0].split(".")[0] == "data"]  # as evaluate splits them
         cli.parse_args(EvalConfig, [a for a in args if a not in data], tool)
         load_config(data)
+    elif tool == "raysnet.predict":
+        from raysnet.predict import PredictConfig
+
+        cli.parse_args(PredictConfig, args, tool)
     else:
         raise AssertionError(f"the README runs {tool}, which this test does not know: add its parser here")
 
@@ -74,7 +78,7 @@ COMMANDS = [(line, tool, args) for line in bash_lines(README) for tool, args in 
 
 def test_the_readme_shows_commands_of_every_tool():
     assert {tool for _, tool, _ in COMMANDS} >= {"raysnet.train", "raysnet.tune", "raysnet.prepare", "raysnet.report",
-                                                  "raysnet.evaluate", "raysnet.analyze"}
+                                                  "raysnet.evaluate", "raysnet.analyze", "raysnet.predict"}
 
 
 @pytest.mark.parametrize("line, tool, args", COMMANDS, ids=[line[:80] for line, _, _ in COMMANDS])
