@@ -157,13 +157,13 @@ def s3(tmp_path_factory):
 
 # --- two workers ---------------------------------------------------------------------------------
 # Every run takes two pytest-xdist workers (`-n 2` in pyproject.toml): the in-process tests use one
-# core each, so two of them run side by side. Whatever starts Ray (the session's head and its
-# scenarios, the multi-node cluster, a driver's local Ray) stays on one worker, one test after
-# another, and comes after every in-process test: Ray's processes keep both cores busy, and beside
-# a worker of in-process tests Ray's node start-up (a fixed 30 s for the raylet to register) timed
-# out. So the order is: the in-process tests on both workers; then Ray's tests on one worker (the
-# head's first, the multi-node cluster last), while the other runs the end-to-end tests that start
-# no Ray (commands, prepares, spawned processes).
+# core each, so two of them run side by side. What starts Ray comes after every in-process test:
+# beside a worker of in-process tests Ray's node start-up (a fixed 30 s for the raylet to register)
+# timed out. Then two groups, one test after another in each: the session head's scenarios (and a
+# driver's local Ray) on one worker, and the multi-node cluster on the other, beside them. Those
+# tests mostly wait (for nodes, jobs, health checks and epochs of a few steps), so side by side
+# they took N min instead of M. The end-to-end tests that start no Ray (commands, prepares, spawned
+# processes) come last, on whichever worker is free.
 
 STARTS_RAY = {"ray_head", "world"}
 
@@ -182,7 +182,7 @@ def _phase(item) -> int:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _starts_ray(item):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+            item.add_marker(pytest.mark.xdist_group("cluster" if "world" in item.fixturenames else "ray"))
     items[:] = sorted(items, key=_phase)  # stable: each file's tests keep their order
 
 
