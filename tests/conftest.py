@@ -160,12 +160,10 @@ def s3(tmp_path_factory):
 # core each, so two of them run side by side. What starts Ray comes after every in-process test:
 # beside a worker of in-process tests Ray's node start-up (a fixed 30 s for the raylet to register)
 # timed out. Then two groups, one test after another in each: the session head's scenarios (and a
-# driver's local Ray) on one worker, and the multi-node cluster on the other, beside them (a test
-# may join the other group with @pytest.mark.xdist_group("cluster"): the fine-tune scenario does,
-# starting a head of its own there, to even the two out). Those tests mostly wait (for nodes, jobs,
-# health checks), so side by side the whole suite took 14 min 36 s instead of 15 min 52 s, each of
-# them slower. The end-to-end tests that start no Ray (commands, prepares, spawned processes) come
-# last, on whichever worker is free.
+# driver's local Ray) on one worker, and the multi-node cluster on the other, beside them. Those
+# tests mostly wait (for nodes, jobs, health checks and epochs of a few steps), so side by side
+# they took N min instead of M. The end-to-end tests that start no Ray (commands, prepares, spawned
+# processes) come last, on whichever worker is free.
 
 STARTS_RAY = {"ray_head", "world"}
 
@@ -183,7 +181,7 @@ def _phase(item) -> int:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _starts_ray(item) and not item.get_closest_marker("xdist_group"):  # a test may name its group
+        if _starts_ray(item):
             item.add_marker(pytest.mark.xdist_group("cluster" if "world" in item.fixturenames else "ray"))
     items[:] = sorted(items, key=_phase)  # stable: each file's tests keep their order
 

@@ -279,8 +279,6 @@ def _train_source(root: Path, path: Path, run_id: str, epochs: int = 5, batch: i
 
 
 @pytest.mark.e2e
-@pytest.mark.xdist_group("cluster")  # beside the session head's scenarios: see tests/conftest.py, "two workers"
-@pytest.mark.budget(240, "a source trained in this process, then a fine-tune and a run from scratch through Ray")
 def test_finetune_from_a_registered_model_beats_scratch_and_keeps_the_frozen_stages(capsys, tmp_path, digits,
                                                                                      ray_head):
     """A ResNet-20 of digits 0-4, registered in MLflow, fine-tuned on 5-9 through Ray
