@@ -44,7 +44,7 @@ CONFIG_FILE = "raysnet-config.yaml"
 # Keys a resumed run may change: they alter how it runs, not what it computes. (Not model.init,
 # model.init_lr_scale or model.freeze: where the weights start, how fast they move and which stay
 # fixed are what a run computes; a rerun that changes them is refused by `check_resume`.)
-RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.gpus_per_worker", "run.cpus_per_worker",
+RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.resize_check_s", "run.gpus_per_worker", "run.cpus_per_worker",
                   "data.loader_workers", "tracking.log_model", "model.compile", "model.compile_mode",
                   "run.ddp_static_graph", "data.loader", "run.progress_s", "tracking.step_every",
                   "tracking.system_metrics_s", "tracking.register"}
@@ -162,21 +162,19 @@ def _check_meta(cfg: Config, meta: dict) -> None:
 
 
 def _check_steps(cfg: Config, meta: dict) -> None:
-    """At least one training step per epoch (the loaders drop a last, partial batch)."""
+    """At least one training step per epoch (the loaders drop a last, partial global batch)."""
     from raysnet.data import steps_per_epoch as steps
 
-    samples, workers = int(meta["splits"]["train"]["samples"]), cfg.run.workers
-    if steps(samples, cfg.batch_size, workers, cfg.run.max_steps) > 0:
+    samples = int(meta["splits"]["train"]["samples"])
+    if steps(samples, cfg.batch_size, cfg.run.max_steps) > 0:
         return
     if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
         raise UsageError(f"bad value for 'run.max_steps': {cfg.run.max_steps} gives zero training steps per epoch. "
                          "Expected at least 1, or null for whole epochs.")
-    share = -(-samples // workers)  # each worker's share, as steps_per_epoch counts it
-    raise UsageError(f"batch_size={cfg.batch_size} ({cfg.batch_size // workers} per worker over run.workers="
-                     f"{workers}) is larger than the training split: {samples} samples in '{cfg.data.root}' are "
-                     f"{share} per worker, and only whole batches are trained, so an epoch would have zero steps. "
-                     + (f"Lower batch_size to at most {share * workers}, or use more data." if share else
-                        "The split is empty: prepare the dataset again with training images."))
+    raise UsageError(f"batch_size={cfg.batch_size} is larger than the training split: {samples} samples in "
+                     f"'{cfg.data.root}', and only whole global batches are trained, so an epoch would have zero "
+                     "steps. " + (f"Lower batch_size to at most {samples}, or use more data." if samples else
+                                  "The split is empty: prepare the dataset again with training images."))
 
 
 def _check_local_workers(cfg: Config) -> None:
@@ -184,9 +182,9 @@ def _check_local_workers(cfg: Config) -> None:
     of the network and its loader threads: more of them than cores only share the cores, and dozens
     exhaust the memory before the first step. (A cluster is left to Ray: an autoscaler may add nodes.)"""
     cores = os.cpu_count() or 1
-    if not local_ray() or cfg.run.workers <= max(2, cores):
+    if not local_ray() or cfg.run.max_workers <= max(2, cores):
         return
-    raise UsageError(f"run.workers={cfg.run.workers} asks for {cfg.run.workers} training processes on this machine "
+    raise UsageError(f"run.workers={cfg.run.workers} asks for {cfg.run.max_workers} training processes on this machine "
                      f"(RAY_ADDRESS is unset: a Ray of its own), which has {cores} cores. Use at most "
                      f"run.workers={max(2, cores)} here (batch_size stays the global batch), or submit the run to a "
                      "cluster with ray job submit.")
@@ -200,7 +198,7 @@ def _check_local_gpus(cfg: Config) -> None:
         return
     import torch
 
-    available, need = torch.cuda.device_count(), cfg.run.workers * cfg.run.gpus_per_worker
+    available, need = torch.cuda.device_count(), cfg.run.min_workers * cfg.run.gpus_per_worker
     if need > available:
         raise UsageError(f"run.gpus_per_worker={cfg.run.gpus_per_worker} with run.workers={cfg.run.workers} asks "
                          f"for {need:g} GPU(s), but this machine has {available}. Pass run.gpus_per_worker=0 to "
@@ -259,7 +257,7 @@ def _initialisation(cfg: Config, meta: dict):
 def steps_per_epoch(cfg: Config, meta: dict) -> int:
     from raysnet.data import steps_per_epoch as steps
 
-    return steps(meta["splits"]["train"]["samples"], cfg.batch_size, cfg.run.workers, cfg.run.max_steps)
+    return steps(meta["splits"]["train"]["samples"], cfg.batch_size, cfg.run.max_steps)
 
 
 # --- Ray -----------------------------------------------------------------------------------------
@@ -411,7 +409,9 @@ def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: l
                            "progress": "bar" if sys.stdout.isatty() else "lines"},
         # Gloo on the node's Ray IP, not wherever the hostname resolves (often 127.0.0.1).
         torch_config=NodeNetworkTorchConfig(),
-        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=(cfg.run.min_workers, cfg.run.max_workers) if cfg.run.elastic
+                                     else cfg.run.max_workers, use_gpu=gpus > 0, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cfg.run.resize_check_s),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
                              callbacks=[_epoch_printer(cfg.epochs), *callbacks],
                              # Ray Train's INFO lines per report would drown the epoch lines.
@@ -450,7 +450,7 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
     cfg, meta, resumed, init = preflight(cfg)
     print(f"raysnet: checked the config, the dataset and the tracking store in {time.perf_counter() - start:.1f} s",
           flush=True)
-    cpus = cfg.run.workers * cfg.run.cpus_per_worker
+    cpus = cfg.run.max_workers * cfg.run.cpus_per_worker
     connect_ray(cpus, bar=parent_run_id is None)
     gpus = gpus_per_worker(cfg)
     steps = steps_per_epoch(cfg, meta)

@@ -24,7 +24,7 @@ from raysnet.models import get_arch
 
 # The metric names, the same in MLflow, in Ray's results and in the reports.
 METRICS = ("train_loss", "train_err", "val_loss", "val_err", "val_err_top5", "lr", "images_per_sec",
-           "epoch_time_s")
+           "epoch_time_s", "world_size", "train_images")
 # Tags: how a rerun finds its run again, and what the UI and the reports group by.
 RUN_NAME_TAG = "raysnet.run_name"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
@@ -254,8 +254,18 @@ class Tracker:
         if points:
             self._thread.submit(self._log_steps, points)
 
+    def set_tag(self, key: str, value: str) -> None:
+        """Queue a tag; returns at once (a failure is a warning: the training goes on)."""
+        self._thread.submit(self._set_tag, key, value)
+
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+
+    def _set_tag(self, key: str, value: str) -> None:
+        try:
+            self.client.set_tag(self.run_id, key, value)
+        except Exception as e:  # noqa: BLE001 - as in _sync
+            warnings.warn(f"MLflow could not set the tag {key} ({type(e).__name__}: {e}).", stacklevel=2)
 
     def _sync(self, history: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
@@ -269,8 +279,9 @@ class Tracker:
             now = int(1000 * time.time())
             # An epoch without validation (run.eval_every) has no val_* numbers: nothing is logged for
             # them, rather than NaN points that break MLflow's charts.
-            metrics = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in pending for k in METRICS
-                       if math.isfinite(float(h[k]))]
+            # (A checkpoint written before a metric existed lacks it: nothing is logged for it.)
+            metrics = [Metric(k, float(h.get(k, math.nan)), now, int(h["epoch"])) for h in pending for k in METRICS
+                       if math.isfinite(float(h.get(k, math.nan)))]
             self.client.log_batch(self.run_id, metrics=metrics)
             self.logged |= {h["epoch"] for h in pending}
         except Exception as e:  # noqa: BLE001 - any tracking failure must leave the training running

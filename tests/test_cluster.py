@@ -270,47 +270,80 @@ def test_a_sweep_job_spreads_its_trials_and_resumes_without_rerunning_finished_o
     assert any("/tune/" in key for key in state) and any(key.endswith("/summary/summary.md") for key in state), state
 
 
-def test_a_job_loses_a_node_is_stopped_and_submitted_again_and_finishes_from_the_bucket(world):
-    """`ray job submit` of a 2-worker run on three 1-CPU nodes: its workers land on two of them, each
-    node that hosts a worker fetches the dataset once. One of those nodes is lost (SIGKILL, no
-    replacement started): the run restarts on the two nodes left from its checkpoint in the bucket.
-    Then the job is stopped (`ray job stop`) and the same command submitted again resumes from the
-    bucket and finishes, recording one MLflow run with each epoch once."""
-    world.cluster.add_node()  # three 1-CPU nodes: the two left after the loss can take the two workers
-    epochs = 6  # the node is lost after epoch 1 or 2, the run stopped after the next: epochs are left
-    command = train(world, "submit", epochs=epochs, log_model=True) + ["tracking.system_metrics_s=1"]
+def latest_size(world: World, name: str) -> tuple[int, int]:
+    """(epochs checkpointed, the world size of the last), from the controller's record in the bucket."""
+    snapshot = world.stores.read(f"{RUNS}/{name}/checkpoint_manager_snapshot.json")
+    try:
+        latest = json.loads(snapshot)["latest_checkpoint_result"]
+    except (TypeError, json.JSONDecodeError):
+        return 0, 0
+    return (latest["metrics"]["epoch"] + 1, latest["metrics"]["world_size"]) if latest else (0, 0)
+
+
+def wait_size(world: World, job, name: str, size: int, after: int, timeout: float = 240) -> tuple[int, float]:
+    """Wait for an epoch after epoch `after` checkpointed at world size `size`. -> (its epochs, when seen)"""
+    def ready() -> bool:
+        epochs, world_size = latest_size(world, name)
+        return epochs > after and world_size == size
+
+    wait_for(f"{name}: an epoch after {after} checkpointed by {size} workers", ready, timeout, job.proc, job.log)
+    return latest_size(world, name)[0], time.monotonic()
+
+
+def test_an_elastic_job_shrinks_grows_is_stopped_and_submitted_again_and_finishes_from_the_bucket(world):
+    """`ray job submit` of an elastic run (run.workers=2-3) on three 1-CPU nodes: three workers, each
+    node that hosts one fetches the dataset once. One node is lost (SIGKILL, no replacement): the
+    run goes on with two workers from its checkpoint in the bucket. A node joins: at the next resize
+    check the run grows back to three. Then the job is stopped (`ray job stop`) and the same command
+    submitted again resumes from the bucket and finishes: one MLflow run, each epoch once, every
+    epoch the same number of steps and images and the learning rate of a run that never resized."""
+    world.cluster.add_node()  # three 1-CPU nodes: the run starts on all three
+    epochs, steps, batch = 12, 8, 64  # 64 over 3 workers: shards of 22, 21, 21
+    command = train(world, "submit", epochs=epochs, log_model=True) + [
+        "run.workers=2-3", "run.resize_check_s=5", "tracking.system_metrics_s=1"]
     job = world.cluster.submit(command, cwd=str(REPO), name="submit-1")
     first = wait_checkpointed(world, job, "submit", 1)
     print(f"\nsubmit -> first epoch checkpointed in the bucket: {first - job.started:.1f} s")
     workers = world.cluster.train_workers("submit-1")
     hosts = sorted(n for n, ip in world.net.addr.items() if ip in {w["node_ip"] for w in workers})
-    assert len(workers) == 2 and len(hosts) == 2 and "head" not in hosts, workers
+    assert len(workers) == 3 and len(hosts) == 3 and "head" not in hosts, workers
+    assert latest_size(world, "submit")[1] == 3
     assert dataset_fetches(world) == len(caches(world)), "a node downloaded the dataset twice"
 
     victim = hosts[0]
     killed = time.monotonic()
     world.cluster.kill_node(victim)
     lost_at = checkpointed(world, "submit")
-    assert lost_at < epochs, "the run ended before the node was lost"
-    recovered = wait_checkpointed(world, job, "submit", lost_at + 1)
+    shrunk_at, shrunk = wait_size(world, job, "submit", 2, lost_at)
+    print(f"\nnode {victim} killed after epoch {lost_at} -> epoch {shrunk_at} checkpointed by 2 workers: "
+          f"{shrunk - killed:.1f} s")
+    # A fixed-size run without a spare node waits for one; the elastic one goes on at once (a loss is
+    # detected in about 4 s here, the restart takes seconds: 60 s is several times what it needs).
+    assert shrunk - killed < 60
+    joined = world.cluster.add_node(wait=False)
+    arrived = time.monotonic()
+    grown_at, grown = wait_size(world, job, "submit", 3, shrunk_at)
+    print(f"\nnode {joined} started -> epoch {grown_at} checkpointed by 3 workers: {grown - arrived:.1f} s "
+          "(the node's start, the 5 s resize check, the restart, the epoch)")
+    assert grown_at < epochs, "the run ended before it grew"
     stopped = time.monotonic()  # at once: the epochs left take seconds, and the stop must come before their end
     world.cluster.stop_job("submit-1")
     job.wait(timeout=120)
-    print(f"\nnode {victim} killed after epoch {lost_at} -> epoch {lost_at + 1} checkpointed: {recovered - killed:.1f} s")
-    # The worker groups, by placement group (Ray's state API lists them after their end too): the
-    # first lost a worker with the node; the next ran on the two nodes left.
+    # The worker groups, by placement group (Ray's state API lists them after their end too): three
+    # on every node, two on the nodes left, three again with the new one.
     groups: dict[str, list[dict]] = {}
     for worker in world.cluster.train_workers("submit-1"):
         groups.setdefault(worker["placement_group_id"], []).append(worker)
-    lost = world.net.addr[victim]
-    later = [g for g in groups.values() if all(w["node_ip"] != lost for w in g)]
-    survivors = {world.net.addr[n] for n in world.cluster.nodes if n not in ("head", victim)}
-    assert len(groups) == len(later) + 1 and later, groups
-    assert all(len(g) == 2 and {w["node_ip"] for w in g} == survivors for g in later), groups
+    on = [sorted(n for n, ip in world.net.addr.items() if ip in {w["node_ip"] for w in g}) for g in groups.values()]
+    survivors = [n for n in hosts if n != victim]
+    assert sorted(hosts) in on and survivors in on and sorted([*survivors, joined]) in on, on
+    out = job.output()
+    assert "raysnet: resized from 3 to 2 workers (a worker or its node was lost)" in out, out[-4000:]
+    assert "raysnet: resized from 2 to 3 workers (the cluster had room for more workers)" in out, out[-4000:]
 
-    assert "stopped" in job.output().lower(), job.output()[-4000:]
+    assert "stopped" in out.lower(), out[-4000:]
     done = checkpointed(world, "submit")  # what the bucket holds once the driver is gone
-    assert lost_at < done < epochs, f"{done} epochs checkpointed: the run was not stopped mid-run"
+    assert grown_at <= done < epochs, f"{done} epochs checkpointed: the run was not stopped mid-run"
     printed = job.epochs()  # the last line may still be on its way when a job stops: no repeat, none left out
     assert printed == list(range(1, len(printed) + 1)), "restarted from the checkpoint, not from epoch 0"
     fetched = dataset_fetches(world)
@@ -325,6 +358,26 @@ def test_a_job_loses_a_node_is_stopped_and_submitted_again_and_finishes_from_the
     assert "raysnet: resuming" in again.output(), again.output()[-4000:]
     assert again.epochs() == list(range(done + 1, epochs + 1)), "resumed from the bucket, not from epoch 0"
     assert dataset_fetches(world) == fetched, "a node that had the dataset downloaded it again"
+
+    # What a resize must not change: every epoch trained steps x batch images (the shards of each
+    # global batch across the workers), and the learning rate at every step is the schedule's as a
+    # run of one size computes it (raysnet.train.schedule, over global steps).
+    from raysnet.config import load_config
+    from raysnet.train.schedule import base_lr, lr_factor
+
+    run = mlflow_run(world, "submit")
+    client = world.stores.client()
+    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+               for key in ("world_size", "train_images", "iter/lr")}
+    sizes = [int(v) for _, v in history["world_size"]]
+    assert [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]] == [3, 2, 3], sizes
+    assert history["train_images"] == [(e, steps * batch) for e in range(epochs)]
+    cfg = load_config(["arch=resnet20", f"epochs={epochs}", f"batch_size={batch}", f"run.max_steps={steps}"])
+    lrs = history["iter/lr"]
+    assert lrs and lrs[-1][0] == epochs * steps, lrs[-3:]  # the optimiser steps of a run that never resized
+    assert all(math.isclose(v, base_lr(cfg) * lr_factor(step - 1, epochs * steps, cfg.optim), rel_tol=1e-6)
+               for step, v in lrs), lrs
+    assert run.data.tags["raysnet.resizes"] == "2"
 
     assert len(checkpoints_in_bucket(world, "submit")) >= 1, world.stores.objects(f"{RUNS}/submit/")
     assert f"{RUNS}/submit/raysnet-config.yaml" in world.stores.objects(f"{RUNS}/submit/")

@@ -82,7 +82,7 @@ def test_own_dataset_yaml_with_unknown_key_is_an_error(tmp_path):
     ("epochs", "7", 7),
     ("batch_size", "256", 256),
     ("optim.lr", "0.05", 0.05),
-    ("run.workers", "4", 4),
+    ("run.workers", "4", "4"),  # N, or MIN-MAX for an elastic run: a string
     ("run.gpus_per_worker", "1", 1.0),
     ("run.gpus_per_worker", "0.2", 0.2),
     ("run.gpus_per_worker", "null", None),
@@ -120,6 +120,11 @@ def test_user_facing_keys_override(key, value, expected):
     ("data=cifar100", ["'cifar100'", "'data'", "cifar10", "digits", "imagefolder", "imagenet"]),
     ("model=3", ["'model'"]),  # a value for a whole section
     ("run.workers=0", ["'run.workers'"]),
+    # Elastic ranges: MIN-MAX, 1 <= MIN <= MAX.
+    ("run.workers=3-2", ["'run.workers'", "'3-2'", "MIN-MAX"]),
+    ("run.workers=0-2", ["'run.workers'", "'0-2'", "at least 1"]),
+    ("run.workers=a-b", ["'run.workers'", "'a-b'", "run.workers=2-8"]),
+    ("run.resize_check_s=0", ["'run.resize_check_s'", "positive"]),
     ("run.gpus_per_worker=1.5", ["'run.gpus_per_worker'", "1.5", "fraction of one GPU"]),
     ("optim.lr=-1", ["'optim.lr'"]),
     ("optim.lr=nan", ["'optim.lr'", "nan", "positive number"]),  # nan and inf pass comparisons...
@@ -128,8 +133,8 @@ def test_user_facing_keys_override(key, value, expected):
     ("data.pca_lighting=inf", ["'data.pca_lighting'", "finite number"]),
     ("optim.milestones=[0.5,nan]", ["'optim.milestones'", "[0.5, nan]", "finite number"]),
     ("optim.milestones=[0.75,0.5]", ["'optim.milestones'"]),
-    ("batch_size=101", ["'batch_size'", "run.workers"]),  # 101 does not split across the 2 workers...
-    ("run.workers=3", ["'batch_size'", "run.workers"]),  # ...nor 64 across 3
+    ("batch_size=1", ["'batch_size'", "run.workers", "at least 2"]),  # each of 2 workers needs a sample...
+    ("run.workers=1-65", ["'batch_size'", "run.workers", "at least 65"]),  # ...and each of up to 65
     ("optim.lr", ["'optim.lr'", "key=value"]),
     ("=3", ["'=3'", "key=value"]),
 ])
@@ -177,7 +182,7 @@ def test_cli_print_config(capsys):
     assert "arch: plain56" in result.out.splitlines()
     printed = OmegaConf.to_container(OmegaConf.create(result.out))
     assert printed["arch"] == "plain56" and printed["recipe"] == "digits"
-    assert printed["optim"]["lr"] == 0.05 and printed["run"]["workers"] == 2
+    assert printed["optim"]["lr"] == 0.05 and printed["run"]["workers"] == "2"
     assert printed["data"]["name"] == "digits"
     # What was printed is the whole config: it loads back into the same Config.
     assert from_dict(printed) == load_config(["arch=plain56", "optim.lr=0.05"])
@@ -199,7 +204,7 @@ def test_dict_round_trip(args):
 def test_flatten_gives_dotted_keys():
     cfg = load_config(["optim.lr=0.2", "run.workers=4"])
     flat = flatten(cfg)
-    assert flat["optim.lr"] == 0.2 and flat["run.workers"] == 4 and flat["arch"] == "resnet20"
+    assert flat["optim.lr"] == 0.2 and flat["run.workers"] == "4" and flat["arch"] == "resnet20"
     assert flat["data.root"] == cfg.data.root and flat["tracking.uri"] == ""
     assert not any(isinstance(v, dict) for v in flat.values())
     sections = ("model", "data", "optim", "run", "tracking")

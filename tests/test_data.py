@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import shutil
@@ -20,7 +21,7 @@ from PIL import Image
 from raysnet import cli
 from raysnet.cli import UsageError
 from raysnet.config import ConfigError, DataConfig
-from raysnet.data import check_dataset, ensure_dataset, make_loaders, prepare, set_epoch, steps_per_epoch
+from raysnet.data import check_dataset, ensure_dataset, make_loaders, order, prepare, set_epoch, steps_per_epoch
 from raysnet.data.dataset import read_beton_header
 from raysnet.data.encode import pixel_sums
 from raysnet.data.sources import ArraySamples, Split, digits_arrays, from_arrays
@@ -534,51 +535,77 @@ def test_steps_per_epoch_is_the_train_loaders_length(digits):
     samples = meta["splits"]["train"]["samples"]
     for batch_size in (64, 100):  # 1437 = 22 x 64 + 29 = 14 x 100 + 37: both drop a partial batch
         train, _ = make_loaders(data, meta, batch_size, device=CPU, seed=0, distributed=False, channels_last=False)
-        assert steps_per_epoch(samples, batch_size, 1, None) == len(train) == samples // batch_size
-        assert steps_per_epoch(samples, batch_size, 1, 5) == 5
-        assert steps_per_epoch(samples, batch_size, 1, 10**6) == len(train)
+        assert steps_per_epoch(samples, batch_size, None) == len(train) == samples // batch_size
+        assert steps_per_epoch(samples, batch_size, 5) == 5
+        assert steps_per_epoch(samples, batch_size, 10**6) == len(train)
+        # One worker trains in FFCV's own RANDOM order, so its runs see what they always saw.
+        assert np.array_equal(train.next_traversal_order(), np.random.default_rng(0).permutation(samples)[:len(train) * batch_size])
 
 
 @pytest.mark.parametrize("samples", [1437, 96, 50, 7])
-def test_steps_per_epoch_across_workers_follows_ffcvs_sampler(samples):
-    """Several workers: FFCV's distributed RANDOM order is torch's DistributedSampler(drop_last=False)
-    over the indices (ffcv/traversal_order/random.py), then the loader keeps whole batches."""
-    from torch.utils.data import DistributedSampler
+def test_every_world_size_trains_the_same_global_batches(samples):
+    """raysnet.data.order: the global batch of every step is the same set of samples at every world
+    size, even when the world does not divide the batch; the shards of a step are disjoint, and an
+    epoch trains no sample twice."""
+    for batch_size in (1, 6, 7, 32):
+        steps = order.steps_per_epoch(samples, batch_size)
+        assert steps == samples // batch_size
+        want = order.epoch_order(samples, 5, 2)[:steps * batch_size].reshape(steps, batch_size)
+        for world in range(1, min(batch_size, 4) + 1):
+            sizes = order.shard_sizes(batch_size, world)
+            assert sum(sizes) == batch_size and max(sizes) - min(sizes) <= 1
+            shards = [order.rank_order(samples, batch_size, 5, 2, rank, world).reshape(steps, sizes[rank])
+                      for rank in range(world)]
+            assert np.array_equal(np.concatenate(shards, axis=1), want)  # rank by rank, each step's batch
+            seen = np.concatenate([s.reshape(-1) for s in shards])
+            assert len(set(seen.tolist())) == len(seen) == steps * batch_size
 
-    for workers in (2, 3, 4):
-        for per_worker in (1, 8, 64):
-            for rank in range(workers):
-                sampler = DistributedSampler(np.arange(samples), num_replicas=workers, rank=rank, shuffle=True,
-                                             seed=0, drop_last=False)
-                steps = len(list(sampler)) // per_worker
-                assert steps_per_epoch(samples, per_worker * workers, workers, None) == steps
-                assert steps_per_epoch(samples, per_worker * workers, workers, 2) == min(2, steps)
+
+def test_weighted_shards_give_the_global_batchs_gradient():
+    """Uneven shards (7 over 3 workers: 3, 2, 2): each rank's mean loss times `loss_weight`,
+    averaged over the ranks as DDP averages gradients, is the gradient of the global batch's mean."""
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    layer = torch.nn.Linear(5, 3)
+
+    def grad(loss):
+        layer.zero_grad()
+        loss.backward()
+        return layer.weight.grad.clone()
+
+    whole = grad(torch.nn.functional.cross_entropy(layer(x), y))
+    for world in (2, 3, 4):
+        starts = np.cumsum([0, *order.shard_sizes(7, world)])
+        ranks = [grad(torch.nn.functional.cross_entropy(layer(x[a:b]), y[a:b]) * order.loss_weight(7, r, world))
+                 for r, (a, b) in enumerate(itertools.pairwise(starts))]
+        assert torch.allclose(sum(ranks) / world, whole, atol=1e-6)
 
 
-# --- sharding across two training processes ---------------------------------------------------
+# --- sharding across training processes --------------------------------------------------------
 
 
 def _record_shards(rank: int, config: dict) -> None:
-    """One of two training processes in a gloo group, as Ray Train's workers are: which samples
-    this rank sees, epoch by epoch, and with a fresh loader."""
+    """One of the training processes of a gloo group, as Ray Train's workers are: which samples
+    this rank sees, step by step and epoch by epoch, and with a fresh loader."""
     import torch.distributed as dist
 
     from raysnet.data import check_dataset, make_loaders, set_epoch
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{config['port']}", rank=rank, world_size=2)
+    world = config["world"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{config['port']}", rank=rank, world_size=world)
     data = DataConfig(name="index", root=config["root"], train_aug="cifar", pad=0, crop=8, flip=False,
                       loader_workers=1)
     meta = {**check_dataset(data), **IDENTITY}
 
     def build():
-        return make_loaders(data, meta, 8, device=torch.device("cpu"), seed=config["seed"], distributed=True,
-                            channels_last=False)
+        return make_loaders(data, meta, config["batch"], device=torch.device("cpu"), seed=config["seed"],
+                            distributed=True, channels_last=False)
 
-    def seen(loader) -> list[int]:
-        return [i for x, _ in loader for i in decoded_index(x[:, :, :1, :1].permute(0, 2, 3, 1).round().byte().numpy())]
+    def seen(loader) -> list[list[int]]:
+        return [decoded_index(x[:, :, :1, :1].permute(0, 2, 3, 1).round().byte().numpy()) for x, _ in loader]
 
     train, val = build()
-    record = {"epochs": [seen(train), seen(train)], "val": seen(val)}
+    record = {"epochs": [seen(train), seen(train)], "val": sum(seen(val), [])}
     again, _ = build()
     record["same_seed"] = seen(again)
     set_epoch(again, 1)
@@ -588,25 +615,32 @@ def _record_shards(rank: int, config: dict) -> None:
 
 
 @pytest.mark.e2e
-def test_two_workers_see_disjoint_shards(tmp_path):
-    """Two processes in one gloo group (what Ray Train gives its workers; the cluster's 2-worker
-    runs in tests/test_cluster.py train that way across nodes), each with its loaders."""
+def test_three_workers_train_one_workers_batches(tmp_path):
+    """Three processes in one gloo group (what Ray Train gives its workers; the cluster's runs in
+    tests/test_cluster.py train that way across nodes), each with its loaders, a global batch of 10
+    (shards of 4, 3, 3): at every step the three shards make up the batch one worker trains on, no
+    sample twice in an epoch; validation covers every sample once."""
     import torch.multiprocessing as mp
     from servers import free_port
 
     root = index_dataset(tmp_path / "index", 96, 50)
-    config = {"root": str(root), "out": str(tmp_path), "seed": 3, "port": free_port()}
-    mp.spawn(_record_shards, args=(config,), nprocs=2, join=True)  # spawn, not fork
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    config = {"root": str(root), "out": str(tmp_path), "seed": 3, "port": free_port(), "world": 3, "batch": 10}
+    mp.spawn(_record_shards, args=(config,), nprocs=3, join=True)  # spawn, not fork
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    data = DataConfig(name="index", root=str(root), train_aug="cifar", pad=0, crop=8, flip=False, loader_workers=1)
+    alone, _ = make_loaders(data, {**check_dataset(data), **IDENTITY}, 10, device=CPU, seed=3, distributed=False,
+                            channels_last=False)
     for epoch in (0, 1):
-        a, b = r0["epochs"][epoch], r1["epochs"][epoch]
-        assert len(a) == len(b) == 48 and not set(a) & set(b) and sorted(a + b) == list(range(96))
-    for r in (r0, r1):
+        one = [decoded_index(x[:, :, :1, :1].permute(0, 2, 3, 1).round().byte().numpy()) for x, _ in alone]
+        steps = [sum((r["epochs"][epoch][s] for r in ranks), []) for s in range(9)]
+        assert [len(r["epochs"][epoch][0]) for r in ranks] == [4, 3, 3]
+        assert steps == one and len(set(sum(steps, []))) == 90  # 96 // 10 steps of 10, none twice
+    for r in ranks:
         assert r["epochs"][0] != r["epochs"][1]  # a new order every epoch
         assert r["same_seed"] == r["epochs"][0]  # the same order for the same seed
         assert r["resumed_epoch1"] == r["epochs"][1]  # set_epoch reproduces a resumed epoch
-    assert sorted(r0["val"] + r1["val"]) == list(range(50))  # every val sample exactly once
-    assert r0["val"] == sorted(r0["val"])
+        assert r["val"] == sorted(r["val"])
+    assert sorted(sum((r["val"] for r in ranks), [])) == list(range(50))  # every val sample exactly once
 
 
 # --- augmentations do what the paper says ----------------------------------------------------

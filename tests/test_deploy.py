@@ -346,8 +346,14 @@ def test_cluster_config_layout(name):
     head_type = config["head_node_type"]
     gpu_types = {k: v for k, v in config["available_node_types"].items() if v["resources"].get("GPU")}
     assert head_type not in gpu_types, "the head has no GPU"
-    ((_, gpu),) = gpu_types.items()
-    assert gpu["resources"]["GPU"] == 8 and gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    # One 8-GPU node type on demand and the same as spot/preemptible capacity, for elastic runs.
+    assert sorted(gpu_types) == ["gpu-8x", "gpu-8x-spot"], sorted(gpu_types)
+    for gpu in gpu_types.values():
+        assert gpu["resources"]["GPU"] == 8 and gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    on_demand, spot = (gpu_types[k]["node_config"] for k in ("gpu-8x", "gpu-8x-spot"))
+    market = ("InstanceMarketOptions", {"MarketType": "spot"}) if "InstanceType" in spot else \
+        ("scheduling", {**on_demand["scheduling"], "provisioningModel": "SPOT", "instanceTerminationAction": "DELETE"})
+    assert spot == {**on_demand, market[0]: market[1]}, "the spot type differs from the on-demand one only in its market"
     # The object store must fit in /dev/shm or Ray falls back to disk.
     shm = quantity(next(o for o in config["docker"]["worker_run_options"] if "shm" in o).split("=")[1].upper()
                    .replace("G", "Gi"))
@@ -621,7 +627,7 @@ def _check_fits(cfg, job: dict, where: str) -> None:
     assert cfg.run.gpus_per_worker is not None and cfg.run.gpus_per_worker >= 1, where
     assert gpus_per_pod % cfg.run.gpus_per_worker == 0, where
     workers_per_pod = gpus_per_pod // cfg.run.gpus_per_worker
-    assert cfg.run.workers <= group["maxReplicas"] * workers_per_pod, \
+    assert cfg.run.max_workers <= group["maxReplicas"] * workers_per_pod, \
         f"{where}: {cfg.run.workers} workers x {cfg.run.gpus_per_worker} GPU > {group['maxReplicas']} x {gpus_per_pod}"
     assert workers_per_pod * cfg.run.cpus_per_worker <= cpus_per_pod, where
     assert cfg.data.root.startswith(MOUNTS["raysnet-data"] + "/"), where
@@ -646,6 +652,13 @@ def test_training_job_entrypoint_is_a_valid_config():
     assert cfg.arch == "resnet101" and cfg.data.name == "imagenet" and cfg.recipe == "imagenet-paper"
     assert cfg.run.name, "a fixed run.name: retries resume instead of starting over"
     _check_fits(cfg, job, "imagenet-resnet101")
+    # Elastic over whole pods: one pod's workers at least, every pod of the group at most, and
+    # enough restarts for the node losses of a long run on preemptible nodes.
+    group = worker_group(job)
+    per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) \
+        // cfg.run.gpus_per_worker
+    assert cfg.run.elastic and cfg.run.min_workers == per_pod and cfg.run.max_workers == group["maxReplicas"] * per_pod
+    assert group["minReplicas"] == 0 and cfg.run.max_failures >= 10
     _check_tracking(cfg.tracking.uri, objs, "imagenet-resnet101")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["spec"]["ttlSecondsAfterFinished"] > 0 and job["spec"]["backoffLimit"] >= 1
@@ -676,7 +689,7 @@ def test_sweep_job_entrypoint_runs_a_sweep_file_of_the_repo():
     assert configs
     for cfg in configs:
         _check_fits(cfg, job, f"sweep trial {cfg.arch}")
-    assert (spec.max_concurrent_trials or 1) * max(c.run.workers * c.run.gpus_per_worker for c in configs) <= \
+    assert (spec.max_concurrent_trials or 1) * max(c.run.max_workers * c.run.gpus_per_worker for c in configs) <= \
         worker_group(job)["maxReplicas"] * 8, "the concurrent trials fit the worker group"
 
 

@@ -188,7 +188,15 @@ def _train_fails_early(capsys, tmp_path: Path, *args: str) -> str:
 def test_a_batch_larger_than_the_training_split(capsys, tmp_path, digits):
     msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", "batch_size=100000")
     assert "batch_size=100000" in msg and "1437 samples" in msg and "zero steps" in msg
-    assert "Lower batch_size to at most 1438" in msg
+    assert "Lower batch_size to at most 1437" in msg
+
+
+@pytest.mark.parametrize("workers", ["3-2", "0-2", "a-b"])
+def test_a_worker_range_that_is_no_range(capsys, tmp_path, digits, workers):
+    """An elastic run's MIN-MAX (issue: elastic training): one paragraph naming the key and the
+    value, exit status 2, before Ray starts and with nothing written."""
+    msg = _train_fails_early(capsys, tmp_path, f"data.root={digits}", f"run.workers={workers}")
+    assert f"'run.workers': '{workers}'" in msg and "MIN-MAX" in msg
 
 
 def test_zero_steps_per_epoch_from_max_steps(capsys, tmp_path, digits):

@@ -42,7 +42,7 @@ def test_table6_is_the_papers_recipe_on_one_shared_gpu():
     for spec, configs in ((sweeps.load(TABLE6)[0], table6), (sweeps.load(REPO / "tuning" / "fig6-plain-cifar.yaml")[0],
                                                                  plain)):
         assert spec.max_concurrent_trials == len(configs)
-        assert sum(c.run.gpus_per_worker * c.run.workers for c in configs) == pytest.approx(1.0)
+        assert sum(c.run.gpus_per_worker * c.run.max_workers for c in configs) == pytest.approx(1.0)
         for c in configs:
             assert (c.epochs, c.batch_size, c.optim.lr, c.optim.weight_decay, c.optim.milestones) == \
                 (164, 128, 0.1, 1e-4, (0.5, 0.75))

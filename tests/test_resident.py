@@ -61,7 +61,7 @@ def test_training_order_is_the_ffcv_loaders(index_root):
 
 def test_every_sample_once_per_epoch_in_disjoint_shards(index_root):
     root, meta = index_root
-    ranks = [build(root, meta, batch_size=8, rank=r, world=2, **WHOLE) for r in (0, 1)]
+    ranks = [build(root, meta, batch_size=16, rank=r, world=2, **WHOLE) for r in (0, 1)]
     epochs = []
     for _ in range(2):
         (a, _), (b, _) = ((order(train), order(val)) for train, val in ranks)

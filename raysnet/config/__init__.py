@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from raysnet.config.schema import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, TrackingConfig
+from raysnet.config.schema import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, TrackingConfig, worker_range
 from raysnet.errors import ConfigError, from_omegaconf
 from raysnet.models import get_arch, list_models
 
@@ -265,7 +265,8 @@ def validate(cfg: Config) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown architecture '{cfg.arch}' for key 'arch'.{hint} "
                           f"Valid architectures: {', '.join(list_models())}.")
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "run.workers": cfg.run.workers,
+    _, high = worker_range(cfg.run.workers)
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "run.cpus_per_worker": cfg.run.cpus_per_worker, "data.crop": cfg.data.crop,
                 "optim.ref_batch_size": cfg.optim.ref_batch_size, "run.eval_every": cfg.run.eval_every,
                 # Here rather than in the preflight: it needs no dataset, so --print-config and every
@@ -274,9 +275,13 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"bad value for '{key}': {value}. Expected an integer of at least 1.")
-    if cfg.batch_size % cfg.run.workers:
-        raise ConfigError(f"bad value for 'batch_size': {cfg.batch_size} is the global batch and must divide "
-                          f"evenly across run.workers={cfg.run.workers} workers.")
+    if cfg.batch_size < high:
+        raise ConfigError(f"bad value for 'batch_size': {cfg.batch_size} is the global batch, split across the "
+                          f"workers, and run.workers={cfg.run.workers} may have {high}: each needs at least one "
+                          f"sample. Expected batch_size of at least {high}, or fewer run.workers.")
+    if not cfg.run.resize_check_s > 0:
+        raise ConfigError(f"bad value for 'run.resize_check_s': {cfg.run.resize_check_s}. Expected a positive "
+                          "number of seconds between an elastic run's checks for room to grow.")
     if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"bad value for 'optim.lr': {cfg.optim.lr}. Expected a positive number.")
     _check_finite(cfg)

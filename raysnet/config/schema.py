@@ -6,8 +6,24 @@ resolved config is Ray's `train_loop_config`, Tune's base `param_space` and MLfl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+from raysnet.errors import ConfigError
+
+WORKERS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+
+
+def worker_range(workers: str | int) -> tuple[int, int]:
+    """run.workers as (min, max): "8" is (8, 8); "2-8" an elastic run of 2 to 8 workers."""
+    match = WORKERS.fullmatch(str(workers))
+    low, high = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+    if not match or not 1 <= low <= high:
+        raise ConfigError(f"bad value for 'run.workers': {str(workers)!r}. Expected a number of workers of at least 1 "
+                          "(run.workers=8), or MIN-MAX for an elastic run that starts once MIN fit and grows to MAX "
+                          "as nodes join (run.workers=2-8, MIN at least 1 and at most MAX).")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,10 @@ class OptimConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = ""  # empty: <arch>-<data>-<time>; rerunning with the same name resumes
-    workers: int = 2
+    # N workers, or MIN-MAX: an elastic run, which starts as soon as MIN fit, grows to MAX as nodes
+    # join and shrinks as they leave, the global batch and schedule unchanged (README, "Elastic runs").
+    # One key, so that a range is one value everywhere a size is given (a sweep, a resume).
+    workers: str = "2"
     # None: 1 when the cluster has GPUs, else 0. A fraction shares a GPU: 0.2 puts five trials of a
     # sweep on one device, each process limited to that share of its memory.
     gpus_per_worker: Optional[float] = None
@@ -131,6 +150,22 @@ class RunConfig:
     # driver's stdout is a terminal, else a plain line every `progress_s` seconds (Ray job logs are
     # not terminals). 0: off.
     progress_s: float = 30.0
+    # An elastic run's worker group is resized when Ray finds room for more workers, checked this
+    # often (Ray's ScalingConfig.elastic_resize_monitor_interval_s): each resize restarts the
+    # workers from the last checkpoint, so checks far apart lose less work to resizes.
+    resize_check_s: float = 60.0
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
 
 
 @dataclass(frozen=True)

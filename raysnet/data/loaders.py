@@ -25,8 +25,10 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
+from ffcv.traversal_order.base import TraversalOrder
 
 from raysnet.config import DataConfig
+from raysnet.data import order
 from raysnet.data.dataset import dataset_dir
 from raysnet.data.layout import BETON
 from raysnet.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, ColourJitter, PCALighting, PadRandomCrop,
@@ -144,27 +146,25 @@ class ReproducibleQuasiRandom(QuasiRandom):
         return super().sample_order(epoch)
 
 
-def steps_per_epoch(samples: int, batch_size: int, workers: int, max_steps: int | None) -> int:
-    """Training steps each worker runs per epoch: `len(train_loader)` from `make_loaders`, capped by
-    `max_steps`. `batch_size` is the global batch, split evenly across `workers`.
+class ShardedOrder(TraversalOrder):
+    """FFCV's traversal order for `raysnet.data.order`: this rank's shard of every global batch."""
 
-    With more than one worker FFCV emulates torch's DistributedSampler(drop_last=False): every rank
-    gets ceil(samples / workers) samples (the last ranks padded with repeats); then the loader's
-    drop_last keeps only whole batches.
-    """
-    share = math.ceil(samples / workers)
-    steps = share // (batch_size // workers)
-    return steps if max_steps is None else min(max_steps, steps)
+    def __init__(self, loader: Loader, *, batch_size: int, rank: int, world: int):
+        super().__init__(loader)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return order.rank_order(len(self.indices), self.batch_size, self.seed, epoch, self.rank, self.world)
 
 
 def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, device: torch.device, seed: int,
                  distributed: bool, channels_last: bool, drop_last_train: bool = True) -> tuple[Loader, Loader]:
-    """(train_loader, val_loader) for this worker; `batch_size` is per worker.
+    """(train_loader, val_loader) for this worker; `batch_size` is the global batch.
 
-    Train: a new random order every epoch from (seed, epoch); with `distributed`, each of
-    the world's ranks reads a disjoint 1/world share (FFCV's DistributedSampler emulation,
-    the same permutation on every rank). Val: sequential, every sample exactly once across
-    the ranks (each rank takes every world-th sample; FFCV's sampler would pad with repeats).
+    Train: this rank's shard of every global batch of `raysnet.data.order` (the same batches at
+    every world size; one worker: FFCV's RANDOM order); with data.os_cache=False and one worker,
+    FFCV's QUASI_RANDOM instead. Val: sequential, every sample exactly once across the ranks (each
+    rank takes every world-th sample; FFCV's sampler would pad with repeats).
     """
     root = dataset_dir(data)
     rank, world = _rank_world(distributed)
@@ -176,23 +176,30 @@ def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, dev
     tail = to_batch(meta, device, channels_last)
     labels = label_pipeline(device)
     # QUASI_RANDOM reads pages in a shuffled-but-local order when the .beton does not fit the
-    # page cache (data.os_cache=False); FFCV has no distributed version of it.
-    order = OrderOption.QUASI_RANDOM if not data.os_cache and not distributed else OrderOption.RANDOM
+    # page cache (data.os_cache=False); it has no distributed version. drop_last_train=False (one
+    # process: tools and tests that read every sample) is FFCV's RANDOM, the last batch partial.
+    quasi = not data.os_cache and not distributed
+    ffcv_order = OrderOption.QUASI_RANDOM if quasi else OrderOption.SEQUENTIAL if drop_last_train else OrderOption.RANDOM
     workers = max(1, data.loader_workers)
-    train = Loader(str(root / BETON["train"]), batch_size=batch_size, num_workers=workers, os_cache=data.os_cache,
-                   order=order, distributed=distributed, seed=seed, drop_last=drop_last_train,
+    share = order.shard_sizes(batch_size, world)[rank]
+    train = Loader(str(root / BETON["train"]), batch_size=share, num_workers=workers, os_cache=data.os_cache,
+                   order=ffcv_order, seed=seed, drop_last=drop_last_train,
                    pipelines={"image": train_decoder_and_augment(data, meta) + tail, "label": labels})
     n_val = int(meta["splits"]["val"]["samples"])
-    val = Loader(str(root / BETON["val"]), batch_size=batch_size, num_workers=workers, os_cache=data.os_cache,
+    val = Loader(str(root / BETON["val"]), batch_size=share, num_workers=workers, os_cache=data.os_cache,
                  order=OrderOption.SEQUENTIAL, indices=np.arange(rank, n_val, world), drop_last=False,
                  pipelines={"image": val_decoder(data, meta) + to_batch(meta, device, channels_last),
                             "label": label_pipeline(device)})
-    if order == OrderOption.QUASI_RANDOM:
-        # FFCV 1.0.2 cannot take a custom order class (Loader calls an instance), so swap it in.
+    # FFCV 1.0.2 cannot take a custom order class (Loader calls an instance), so swap it in; the
+    # loader's length is that of the first order it drew.
+    if quasi:
         train.traversal_order = ReproducibleQuasiRandom(train)
+    elif drop_last_train:
+        train.traversal_order = ShardedOrder(train, batch_size=batch_size, rank=rank, world=world)
+    train.first_traversal_order = train.next_traversal_order()
     if len(train) == 0:
-        raise UsageError(f"batch_size {batch_size} per worker is larger than this worker's share of the "
-                         f"{meta['splits']['train']['samples']} training samples in '{root}'; lower batch_size.")
+        raise UsageError(f"batch_size {batch_size} is larger than the {meta['splits']['train']['samples']} "
+                         f"training samples in '{root}'; lower batch_size.")
     return train, val
 
 

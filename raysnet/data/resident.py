@@ -7,8 +7,8 @@ augmenting a batch on a few cores); here a step costs a gather and a few
 elementwise kernels, and no host sync. The semantics are the FFCV path's, so runs are comparable:
 
 - order: the training order of epoch E is exactly the FFCV loader's (`data.loaders.make_loaders`)
-  for the same seed: numpy's permutation of (seed + E) on one worker, torch's DistributedSampler
-  (FFCV's emulation of it) across workers, each rank a disjoint share; whole batches only.
+  for the same seed: `raysnet.data.order`, each rank its shard of every global batch; whole
+  batches only.
 - augmentation (data.train_aug=cifar, paper §4.2): zero-pad `pad` pixels, a random crop x crop
   window, a mirror with probability 1/2 (data.flip). Random numbers come from a generator seeded
   by (seed, rank, epoch), so a resumed run sees the same crops as well as the same order.
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from raysnet.config import DataConfig
+from raysnet.data import order
 from raysnet.errors import UsageError
 
 DECODE_BATCH = 1024
@@ -71,18 +72,6 @@ def decode_split(path: str, samples: int, workers: int) -> tuple[torch.Tensor, t
     return images, labels
 
 
-def train_order(samples: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
-    """This rank's sample indices for `epoch`, as FFCV's Random traversal order draws them."""
-    if world == 1:
-        return np.random.default_rng(seed + epoch).permutation(samples)
-    from torch.utils.data import DistributedSampler
-
-    sampler = DistributedSampler(range(samples), num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=False)
-    sampler.set_epoch(epoch)
-    return np.fromiter(sampler, dtype=np.int64)
-
-
 def pad_crop_flip(images: torch.Tensor, pad: int, crop: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """uint8 B x H x W x C -> B x crop x crop x C: a random window of the zero-padded image, mirrored
     with probability 1/2 when `flip`. One gather on the images' device."""
@@ -108,7 +97,9 @@ class ResidentLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean: torch.Tensor,
                  std: torch.Tensor, channels_last: bool, seed: int, rank: int, world: int,
                  train: DataConfig | None):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
+        # `batch_size`: the global batch, of which this rank takes its shard each step
+        self.images, self.labels, self.global_batch = images, labels, batch_size
+        self.batch_size = order.shard_sizes(batch_size, world)[rank]
         self.mean, self.std, self.channels_last = mean, std, channels_last
         self.seed, self.rank, self.world, self.train = seed, rank, world, train
         self.next_epoch = 0
@@ -116,7 +107,7 @@ class ResidentLoader:
     def order(self, epoch: int) -> np.ndarray:
         if self.train is None:  # validation: sequential, every world-th sample
             return np.arange(self.rank, len(self.labels), self.world)
-        return train_order(len(self.labels), self.seed, epoch, self.rank, self.world)
+        return order.rank_order(len(self.labels), self.global_batch, self.seed, epoch, self.rank, self.world)
 
     def _steps(self, samples: int) -> int:
         """Training drops a last, partial batch (as the FFCV loader does); validation keeps it."""
@@ -132,10 +123,10 @@ class ResidentLoader:
 
     def __iter__(self):
         epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
-        order = torch.from_numpy(self.order(epoch)).to(self.images.device)  # drawn once an epoch
+        indices = torch.from_numpy(self.order(epoch)).to(self.images.device)  # drawn once an epoch
         generator = self._generator(epoch) if self.train is not None else None
-        for step in range(self._steps(len(order))):
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+        for step in range(self._steps(len(indices))):
+            index = indices[step * self.batch_size:(step + 1) * self.batch_size]
             images = self.images[index]
             if self.train is not None:
                 images = pad_crop_flip(images, self.train.pad, self.train.crop, self.train.flip, generator)
@@ -149,7 +140,7 @@ class ResidentLoader:
 
 def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, root, device: torch.device, seed: int,
                  rank: int, world: int, channels_last: bool) -> tuple[ResidentLoader, ResidentLoader]:
-    """(train, val) on `device`; `batch_size` is per worker. Each worker decodes the whole of both
+    """(train, val) on `device`; `batch_size` is the global batch. Each worker decodes the whole of both
     splits (CIFAR-10: a few seconds) and keeps its own copy."""
     from raysnet.data.layout import BETON
 

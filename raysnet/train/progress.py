@@ -6,8 +6,8 @@ tracking.step_every steps, a device-side copy of the epoch's running sums (Epoch
 run.progress_s seconds, and at the epoch's end, those copies and the current sums come to the host
 together (one transfer) to print a line and queue the step points for MLflow.
 
-Loss, error and images/s come from rank 0's own batches (its shard of every global batch, scaled by
-the world size for images/s); the epoch's numbers for the tables stay the all-reduced ones.
+Loss and error come from rank 0's own batches (its shard of every global batch), images/s from
+its step time and the global batch; the epoch's numbers for the tables stay the all-reduced ones.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ class Watch:
         self.mode: Mode = mode if cfg.run.progress_s > 0 else "off"
         self.every = step_every(cfg, steps)
         self.interval = {"off": FLUSH_S, "lines": cfg.run.progress_s, "bar": min(cfg.run.progress_s, BAR_S)}[self.mode]
-        self.batch = cfg.batch_size // world  # each worker's share of the global batch
         self.walls: list[float] = []  # whole epochs of this process: start to the next start
         self.tails: list[float] = []  # of those, the time after the last step (validation, checkpoint)
         self.now: Epoch | None = None
@@ -154,7 +153,7 @@ class Watch:
         if e.first_step is None or timed < 1:
             return
         per_step = (now - e.first_step) / timed
-        images = self.batch * self.world / per_step
+        images = self.cfg.batch_size / per_step  # the global batch: every worker's step
         epoch_eta, run_eta = self.etas(per_step)
         say(f"epoch {e.index + 1}/{self.cfg.epochs} step {e.done}/{self.steps} at {now - e.start:.1f} s: "
             f"loss {loss:.3f} err {err:.2f}% "

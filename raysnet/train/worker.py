@@ -25,7 +25,8 @@ from torch import nn
 from raysnet import checkpoint
 from raysnet.config import Config, from_dict
 from raysnet.models import build_model
-from raysnet.train import finetune
+from raysnet.data.order import loss_weight
+from raysnet.train import elastic, finetune
 from raysnet.train.schedule import base_lr, lr_factor
 
 if TYPE_CHECKING:
@@ -110,13 +111,14 @@ class EpochStats:
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, stats: EpochStats, step: int,
-               dtype: torch.dtype | None, label_smoothing: float = 0.0) -> None:
-    """One SGD step. No `.item()`: everything the host needs waits in `stats`."""
+               dtype: torch.dtype | None, label_smoothing: float = 0.0, weight: float = 1.0) -> None:
+    """One SGD step. No `.item()`: everything the host needs waits in `stats`. `weight`: this
+    rank's `raysnet.data.order.loss_weight` (1 unless the shards of the global batch are uneven)."""
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(images)  # (N, classes)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * weight if weight != 1.0 else loss).backward()
     optimizer.step()
     scheduler.step()
     stats.add(loss.detach(), logits.detach().float(), labels, step)
@@ -196,11 +198,13 @@ class Job:
     cfg: Config
     run_id: str  # the MLflow run
     rank: int
+    world: int  # this worker group's size (an elastic run's changes between restarts)
     device: torch.device
     dtype: torch.dtype | None  # autocast's; None: fp32
     train_loader: Any
     val_loader: Any
-    steps: int  # training steps per epoch
+    steps: int  # training steps per epoch, at every world size
+    loss_weight: float  # raysnet.data.order.loss_weight of this rank: 1 unless the shards are uneven
     model: nn.Module  # as trained: wrapped by Ray (DDP), compiled with model.compile
     raw: nn.Module  # the bare network: validated and checkpointed
     frozen_norms: list[nn.Module]  # BatchNorm layers of the stages model.freeze froze: kept in eval mode
@@ -231,7 +235,7 @@ def _seed_and_device(cfg: Config, rank: int) -> torch.device:
 
 
 def _loaders(cfg: Config, meta: dict[str, Any], world: int, device: torch.device):
-    """(train, val) FFCV loaders; each worker gets its shard of the global batch."""
+    """(train, val) FFCV loaders; each worker gets its shard of every global batch (raysnet.data.order)."""
     from raysnet.data import local_copy, make_loaders
 
     data = local_copy(cfg.data)  # data.root on object storage: this node's copy, fetched once
@@ -239,7 +243,7 @@ def _loaders(cfg: Config, meta: dict[str, Any], world: int, device: torch.device
         # FFCV sets torch's (process-wide) thread count to its decoding threads, so on a CPU the two
         # are one knob: size it to the CPUs Ray gave this worker, or workers oversubscribe the cores.
         data = dataclasses.replace(data, loader_workers=cfg.run.cpus_per_worker)
-    return make_loaders(data, meta, cfg.batch_size // world, device=device, seed=cfg.run.seed,
+    return make_loaders(data, meta, cfg.batch_size, device=device, seed=cfg.run.seed,
                         distributed=world > 1, channels_last=cfg.model.channels_last)
 
 
@@ -295,7 +299,7 @@ def build(config: dict[str, Any]) -> Job:
     device = _seed_and_device(cfg, rank)
     train_loader, val_loader = _loaders(cfg, meta, world, device)
     clock.append(time.perf_counter())
-    steps = steps_per_epoch(meta["splits"]["train"]["samples"], cfg.batch_size, world, cfg.run.max_steps)
+    steps = steps_per_epoch(meta["splits"]["train"]["samples"], cfg.batch_size, cfg.run.max_steps)
     # A run with a checkpoint of its own continues from it: model.init's weights start new runs only.
     latest = ray.train.get_checkpoint()
     model, raw, frozen_norms = _network(cfg, len(meta["classes"]), initialise=bool(cfg.model.init) and not latest)
@@ -310,9 +314,11 @@ def build(config: dict[str, Any]) -> Job:
     if tracker:
         tracker.sync(history)  # epochs checkpointed but not yet in MLflow (a crash in between)
         _say_built(cfg, world, first_epoch, clock)
+        elastic.note_resize(cfg, tracker, history, world)
     watch = Watch(cfg, steps, world, tracker, config.get("progress", "lines")) if rank == 0 else None
-    return Job(cfg=cfg, run_id=run_id, rank=rank, device=device, dtype=autocast_dtype(cfg.run.precision, device),
-               train_loader=train_loader, val_loader=val_loader, steps=steps, model=model, raw=raw,
+    return Job(cfg=cfg, run_id=run_id, rank=rank, world=world, device=device,
+               dtype=autocast_dtype(cfg.run.precision, device), train_loader=train_loader, val_loader=val_loader,
+               steps=steps, loss_weight=loss_weight(cfg.batch_size, rank, world), model=model, raw=raw,
                frozen_norms=frozen_norms,
                labels=checkpoint.labels(meta),
                optimizer=optimizer, scheduler=scheduler, first_epoch=first_epoch, history=history,
@@ -374,7 +380,7 @@ def _train(job: Job, warm: int) -> tuple[dict[str, float], float]:
             timed_start = time.perf_counter()
         lr = job.optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps inside train_step)
         train_step(job.model, images, labels, job.optimizer, job.scheduler, stats, step, job.dtype,
-                   job.cfg.optim.label_smoothing)
+                   job.cfg.optim.label_smoothing, job.loss_weight)
         done += 1
         if watch:
             watch.after_step(step, stats.sums, lr)
@@ -436,7 +442,8 @@ def run_epoch(job: Job, epoch: int) -> dict[str, float] | None:
     metrics = {"epoch": epoch, "train_loss": train["loss"], "train_err": train["err"],
                "val_loss": val.get("loss", float("nan")), "val_err": val.get("err", float("nan")),
                "val_err_top5": val.get("err_top5", float("nan")), "lr": lr,
-               "images_per_sec": images_per_sec, "epoch_time_s": time.perf_counter() - start}
+               "images_per_sec": images_per_sec, "epoch_time_s": time.perf_counter() - start,
+               "world_size": job.world, "train_images": train["n"], elastic.END_TIME: time.time()}
     job.history.append(metrics)
     _checkpoint_and_report(job, epoch, metrics)
     if job.tracker:

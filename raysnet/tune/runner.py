@@ -215,13 +215,13 @@ def concurrency(spec: Sweep, cfg: Config, resources: dict[str, float], cores: in
     raised so that one trial fits even on a small laptop, so they say nothing of what runs well);
     None on a cluster, which is judged by its resources. -> (trials at a time, a line saying why
     when fewer than the file asks for, else "")"""
-    per_trial = cfg.run.workers * cfg.run.cpus_per_worker
+    per_trial = cfg.run.min_workers * cfg.run.cpus_per_worker
     cpus = cores if cores is not None else resources.get("CPU", 1)
     fit = int(cpus // per_trial)
     gpus = cfg.run.gpus_per_worker  # None: one each where there are GPUs (lifecycle.gpus_per_worker)
     gpus = (1 if resources.get("GPU", 0) > 0 else 0) if gpus is None else gpus
     if gpus:  # fractional shares: 1 GPU / 0.2 is five trials (not 1 // 0.2, which is 4.0 in floats)
-        fit = min(fit, math.floor(resources.get("GPU", 0) / (cfg.run.workers * gpus) + 1e-6))
+        fit = min(fit, math.floor(resources.get("GPU", 0) / (cfg.run.min_workers * gpus) + 1e-6))
     fit = max(1, fit)
     asked = spec.max_concurrent_trials
     if cores is None and asked:  # a cluster may grow (autoscaling): the file's number stands
@@ -285,7 +285,7 @@ def run_sweep(path: str, cli: list[str], sweep_overrides: list[str] | tuple[str,
     sweep_dir = f"{base.run.storage.rstrip('/')}/sweeps/{sweep_id}"
     experiment = configs[0].tracking.experiment or spec.experiment or spec.name
     # Enough logical CPUs for one trial's workers, even on a small laptop (as a run does).
-    ray = lifecycle.connect_ray(base.run.workers * base.run.cpus_per_worker + 1)
+    ray = lifecycle.connect_ray(base.run.max_workers * base.run.cpus_per_worker + 1)
     cores = (os.cpu_count() or 1) if ray_address.local_ray() else None
     at_once, why = concurrency(spec, base, ray.cluster_resources(), cores)
     if why:
