@@ -48,6 +48,10 @@ RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.resize_check_s", "run.
                   "data.loader_workers", "tracking.log_model", "model.compile", "model.compile_mode",
                   "run.ddp_static_graph", "data.loader", "run.progress_s", "tracking.step_every",
                   "tracking.system_metrics_s", "tracking.register"}
+# In the run's directory: the name of the elastic run's resource request (`_take_over_reservation`).
+RESERVATION_NOTE = "elastic-request.json"
+# How long an elastic run's worker group may wait to be placed before Ray tries another size.
+ELASTIC_PLACEMENT_S = 10
 # A job submitted with --working-dir runs in a copy Ray deletes later (see README, "Submit to a cluster").
 RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
 
@@ -268,6 +272,11 @@ def steps_per_epoch(cfg: Config, meta: dict) -> int:
 # worker logs that at ERROR level every time (ray-project/ray#53727); nothing in it is for a user
 # to act on.
 HARMLESS_RAY_LINES = (re.compile(r"core_worker\.cc.*'PreemptionWatcher'.*max_restarts"),)
+# An elastic group that could not be placed (lifecycle.ELASTIC_PLACEMENT_S): Ray's controller logs
+# the timeout with its traceback, and tries again at once with the workers that fit; one line says so.
+PLACEMENT_TIMEOUT = re.compile(r"Error in control loop iteration: The worker group startup timed out after "
+                               r"([\d.]+) seconds waiting for (\d+) workers")
+TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|\S*WorkerGroupStartupTimeoutError)")
 # Ray's notice that token authentication is on (its default in 2.60), printed by every ray.init:
 # the README's "Submit to a cluster" section says how the token works.
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
@@ -324,9 +333,11 @@ def quiet_ray_logs(bar: bool = False) -> None:
         return
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
     bars = Bars() if bar and sys.stdout.isatty() else None
+    tracebacks: set = set()  # the processes whose next lines may still be a dropped traceback
 
     def print_logs(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not any(p.search(line) for p in HARMLESS_RAY_LINES)]
+        lines = _placement_retries([line for line in data.get("lines", [])
+                                    if not any(p.search(line) for p in HARMLESS_RAY_LINES)], tracebacks, data.get("pid"))
         if bars is not None:
             lines = [line for line in lines if not bars.take(line)]
             if any(EPOCH_LINE.search(line) for line in lines):
@@ -341,6 +352,23 @@ def quiet_ray_logs(bar: bool = False) -> None:
     print_logs.raysnet = True
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", print_logs)  # the same name: ray.shutdown removes it
+
+
+def _placement_retries(lines: list[str], tracebacks: set, pid) -> list[str]:
+    """`lines` of process `pid` with each PLACEMENT_TIMEOUT and its traceback as one line (a traceback
+    may go on in the next batch of lines: `tracebacks` holds the processes in the middle of one)."""
+    kept, dropping = [], pid in tracebacks
+    for line in lines:
+        timeout = PLACEMENT_TIMEOUT.search(line)
+        if timeout:
+            kept.append(f"raysnet: a group of {timeout[2]} workers could not be placed in {float(timeout[1]):.0f} s "
+                        "(Ray's view of the cluster still held a lost node); trying again with the workers that fit")
+            dropping = True
+        elif not (dropping and TRACEBACK_LINE.match(line)):
+            kept.append(line)
+            dropping = False
+    (tracebacks.add if dropping else tracebacks.discard)(pid)
+    return kept
 
 
 def _free_port(preferred: int) -> int:
@@ -394,6 +422,11 @@ def _epoch_printer(epochs: int):
     return EpochPrinter()
 
 
+def worker_resources(cfg: Config, gpus: float) -> dict[str, float]:
+    """What each Ray Train worker of the run asks Ray for."""
+    return {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+
+
 def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: list):
     """The `TorchTrainer` of one run. Rank 0's progress lines become a tqdm bar when this driver's
     stdout is a terminal (`quiet_ray_logs` draws it; they come more often then), else stay lines."""
@@ -402,7 +435,13 @@ def make_trainer(cfg: Config, meta: dict, run_id: str, gpus: float, callbacks: l
 
     from raysnet.train.network import NodeNetworkTorchConfig
 
-    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    resources = worker_resources(cfg, gpus)
+    if cfg.run.elastic:
+        # Ray picks an elastic group's size from a view of the cluster refreshed every 20 s, so
+        # after a node loss it may first ask for a group that no longer fits; the group's placement
+        # then waits this long (default 60 s) before Ray tries again at the size it finds. Such
+        # retries are not charged to run.max_failures. Ray Train passes this on to its controller.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_PLACEMENT_S))
     return TorchTrainer(
         _train_loop,
         train_loop_config={"config": to_dict(cfg), "meta": meta, "run_id": run_id,
@@ -460,14 +499,50 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
                                   {tracking.STEPS_PARAM: steps}, title=title)
     print(f"raysnet: {'resuming' if resumed else 'training'} {_describe(cfg, meta, gpus, steps)}; run {cfg.run.name}; "
           f"starting the workers", flush=True)
+    trainer = make_trainer(cfg, meta, run_id, gpus, callbacks or [])
+    if cfg.run.elastic:
+        _take_over_reservation(cfg, trainer)
     try:
-        result = make_trainer(cfg, meta, run_id, gpus, callbacks or []).fit()
+        with _minimum_watch(cfg, gpus):
+            result = trainer.fit()
         return finish(cfg, run_id, result)
     except (Exception, KeyboardInterrupt) as e:
         reason = "stopped by Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt) else root_cause(e)
         with contextlib.suppress(Exception):  # the error itself matters more than the record of it
             tracking.fail_run(cfg, run_id, reason)
         raise
+
+
+def _minimum_watch(cfg: Config, gpus: float):
+    """An elastic run's watch on its minimum (raysnet.train.elastic.MinimumWatch); else nothing."""
+    from raysnet.train.elastic import MinimumWatch
+
+    if not cfg.run.elastic:
+        return contextlib.nullcontext()
+    return MinimumWatch(cfg, worker_resources(cfg, gpus))
+
+
+def _take_over_reservation(cfg: Config, trainer) -> None:
+    """Cancel the resource request of this run's previous driver, and note this one's.
+
+    An elastic run asks Ray's AutoscalingCoordinator (a detached actor that shares the cluster's
+    resources out among requesters, the oldest first) for its workers, and its controller cancels
+    the request when it shuts down. A driver stopped by `ray job stop` or killed ends before that:
+    its request stays for 180 s and holds the nodes, so the same run submitted again finds nothing
+    reserved for it and waits, silently. The request is named after Ray Train's run id
+    (`ScalingPolicy`: "train-<id>"), which this driver notes in the run's directory."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    from raysnet.train.worker import pop_note, write_note
+
+    previous = pop_note(cfg, RESERVATION_NOTE)
+    if previous:
+        with contextlib.suppress(Exception):  # gone already, or the coordinator restarted: nothing held
+            ray.get(get_or_create_autoscaling_coordinator().cancel_request.remote(previous["requester"]), timeout=30)
+    write_note(cfg, RESERVATION_NOTE, {"requester": f"train-{trainer.train_run_context.run_id}"})
 
 
 def _describe(cfg: Config, meta: dict, gpus: float, steps: int) -> str:

@@ -422,6 +422,26 @@ def test_only_rays_known_harmless_lines_are_left_out():
     assert [any(p.search(line) for p in HARMLESS_RAY_LINES) for line in (preemption, other)] == [True, False]
 
 
+def test_an_elastic_groups_placement_retry_is_one_line():
+    """Ray's controller logs an elastic group it could not place with a traceback (it then tries the
+    size that fits: tests/test_cluster.py); the driver shows one line, however the lines arrive."""
+    from raysnet.lifecycle import _placement_retries
+
+    error = ["Error in control loop iteration: The worker group startup timed out after 10.0 seconds waiting for 3 "
+             "workers. Potential causes include: (1) temporary insufficient cluster resources",
+             "Traceback (most recent call last):", '  File "controller.py", line 914, in _run_control_loop_iteration',
+             "    result = await self._step()",
+             "ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError: The worker group startup timed out"]
+    after = ["raysnet: 2 worker(s) up"]
+    pending: set = set()
+    whole = _placement_retries(error + after, pending, 1)
+    split = _placement_retries(error[:3], pending, 1) + _placement_retries(error[3:] + after, pending, 1)
+    assert whole == split and len(whole) == 2 and "a group of 3 workers could not be placed in 10 s" in whole[0]
+    assert whole[1] == after[0] and not pending
+    other = ["Error in control loop iteration: something else", "Traceback (most recent call last):"]
+    assert _placement_retries(other, pending, 2) == other
+
+
 def test_a_changed_config_does_not_resume_silently(capsys, tmp_path, digits):
     (tmp_path / "x").mkdir()
     from raysnet.config import to_yaml
