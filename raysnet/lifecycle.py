@@ -500,8 +500,7 @@ def run_one(cfg: Config, *, parent_run_id: str | None = None, tags: dict[str, st
     print(f"raysnet: {'resuming' if resumed else 'training'} {_describe(cfg, meta, gpus, steps)}; run {cfg.run.name}; "
           f"starting the workers", flush=True)
     trainer = make_trainer(cfg, meta, run_id, gpus, callbacks or [])
-    if cfg.run.elastic:
-        _take_over_reservation(cfg, trainer)
+    _take_over_reservation(cfg, trainer)
     try:
         with _minimum_watch(cfg, gpus):
             result = trainer.fit()
@@ -525,21 +524,23 @@ def _minimum_watch(cfg: Config, gpus: float):
 def _take_over_reservation(cfg: Config, trainer) -> None:
     """Cancel the resource request of this run's previous driver, and note this one's.
 
-    An elastic run asks Ray's AutoscalingCoordinator (a detached actor that shares the cluster's
-    resources out among requesters, the oldest first) for its workers, and its controller cancels
-    the request when it shuts down. A driver stopped by `ray job stop` or killed ends before that:
-    its request stays for 180 s and holds the nodes, so the same run submitted again finds nothing
-    reserved for it and waits, silently. The request is named after Ray Train's run id
-    (`ScalingPolicy`: "train-<id>"), which this driver notes in the run's directory."""
-    import ray
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-        get_or_create_autoscaling_coordinator,
-    )
-
+    Every Ray Train run (fixed or elastic) asks Ray's AutoscalingCoordinator, a detached actor that
+    shares the cluster's resources out among requesters, the oldest first, for its workers; its
+    controller cancels the request when it shuts down. A driver stopped by `ray job stop` or killed
+    ends before that: its request stays for 180 s and is counted as holding its nodes, so an elastic
+    run started meanwhile (the same one submitted again, or another) finds fewer workers' room
+    reserved for it than there is, and waits or starts small, silently. The request is named after
+    Ray Train's run id (`ScalingPolicy`: "train-<id>"), which each driver notes in the run's
+    directory: rerunning a stopped run or sweep releases what it held."""
     from raysnet.train.worker import pop_note, write_note
 
     previous = pop_note(cfg, RESERVATION_NOTE)
     if previous:
+        import ray
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
         with contextlib.suppress(Exception):  # gone already, or the coordinator restarted: nothing held
             ray.get(get_or_create_autoscaling_coordinator().cancel_request.remote(previous["requester"]), timeout=30)
     write_note(cfg, RESERVATION_NOTE, {"requester": f"train-{trainer.train_run_context.run_id}"})

@@ -129,9 +129,17 @@ def test_set_train_resolution_resizes_the_loaders_batches(digits):
 
     train, _ = make_loaders(cfg.data, ensure_dataset(cfg.data), 64, device=torch.device("cpu"), seed=0,
                             distributed=False, channels_last=True)
-    assert next(iter(train))[0].shape == (64, 3, 16, 16)  # res_start first
+    def first_batch():
+        # An epoch left after one batch is closed, as the worker's loop leaves none running: its
+        # thread would go on decoding while the pipeline is compiled again (this test once hung in CI).
+        epoch = iter(train)
+        images = next(epoch)[0].clone()
+        epoch.close()
+        return images
+
+    assert first_batch().shape == (64, 3, 16, 16)  # res_start first
     assert set_train_resolution(train, 32) and not set_train_resolution(train, 32)
-    images, _ = next(iter(train))
+    images = first_batch()
     assert images.shape == (64, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
 
 
