@@ -318,10 +318,14 @@ def _elastic_job(world: World) -> None:
     job = world.cluster.submit(command, cwd=str(REPO), name="submit-1")
     first = wait_checkpointed(world, job, "submit", 1)
     print(f"\nsubmit -> first epoch checkpointed in the bucket: {first - job.started:.1f} s")
-    workers = world.cluster.train_workers("submit-1")
-    hosts = sorted(n for n, ip in world.net.addr.items() if ip in {w["node_ip"] for w in workers})
-    assert len(workers) == 3 and len(hosts) == 3 and "head" not in hosts, workers
-    assert latest_size(world, "submit")[1] == 3
+    # Ray's view of the nodes is refreshed every 20 s: a run started right after a node joined may
+    # start with two workers and grow at its first resize check. Three workers before the loss:
+    wait_size(world, job, "submit", 3, 0)
+    hosts = sorted(n for n in world.cluster.nodes if n != "head")
+    groups = {}
+    for worker in world.cluster.train_workers("submit-1"):
+        groups.setdefault(worker["placement_group_id"], set()).add(worker["node_ip"])
+    assert {world.net.addr[n] for n in hosts} in groups.values(), (hosts, groups)  # one worker on each node
     assert dataset_fetches(world) == len(caches(world)), "a node downloaded the dataset twice"
 
     victim = hosts[0]
@@ -387,14 +391,15 @@ def _elastic_job(world: World) -> None:
     history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
                for key in ("world_size", "train_images", "iter/lr")}
     sizes = [int(v) for _, v in history["world_size"]]
-    assert [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]] == [3, 2, 3], sizes
+    changes = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
+    assert changes[-3:] == [3, 2, 3] and changes[:-3] in ([], [2]), sizes  # [2]: it started before Ray saw w3
     assert history["train_images"] == [(e, steps * batch) for e in range(epochs)]
     cfg = load_config(["arch=resnet20", f"epochs={epochs}", f"batch_size={batch}", f"run.max_steps={steps}"])
     lrs = history["iter/lr"]
     assert lrs and lrs[-1][0] == epochs * steps, lrs[-3:]  # the optimiser steps of a run that never resized
     assert all(math.isclose(v, base_lr(cfg) * lr_factor(step - 1, epochs * steps, cfg.optim), rel_tol=1e-6)
                for step, v in lrs), lrs
-    assert run.data.tags["raysnet.resizes"] == "2"
+    assert run.data.tags["raysnet.resizes"] == str(len(changes) - 1)
 
     assert len(checkpoints_in_bucket(world, "submit")) >= 1, world.stores.objects(f"{RUNS}/submit/")
     assert f"{RUNS}/submit/raysnet-config.yaml" in world.stores.objects(f"{RUNS}/submit/")

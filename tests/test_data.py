@@ -538,6 +538,9 @@ def test_steps_per_epoch_is_the_train_loaders_length(digits):
         assert steps_per_epoch(samples, batch_size, None) == len(train) == samples // batch_size
         assert steps_per_epoch(samples, batch_size, 5) == 5
         assert steps_per_epoch(samples, batch_size, 10**6) == len(train)
+        capped, _ = make_loaders(data, meta, batch_size, device=CPU, seed=0, distributed=False, channels_last=False,
+                                 max_steps=5)
+        assert len(capped) == 5 and sum(1 for _ in capped) == 5  # run.max_steps ends the epoch in the loader
         # One worker trains in FFCV's own RANDOM order, so its runs see what they always saw.
         assert np.array_equal(train.next_traversal_order(), np.random.default_rng(0).permutation(samples)[:len(train) * batch_size])
 

@@ -130,11 +130,13 @@ def test_set_train_resolution_resizes_the_loaders_batches(digits):
     train, _ = make_loaders(cfg.data, ensure_dataset(cfg.data), 64, device=torch.device("cpu"), seed=0,
                             distributed=False, channels_last=True)
     def first_batch():
-        # An epoch left after one batch is closed, as the worker's loop leaves none running: its
-        # thread would go on decoding while the pipeline is compiled again (this test once hung in CI).
+        # Whole epochs (as the worker reads them): an epoch left after one batch goes on decoding in
+        # FFCV's thread, while the pipeline is compiled again for the new size; numba's typing is not
+        # safe against that, and the loader hung (twice in CI).
         epoch = iter(train)
         images = next(epoch)[0].clone()
-        epoch.close()
+        for _ in epoch:
+            pass
         return images
 
     assert first_batch().shape == (64, 3, 16, 16)  # res_start first

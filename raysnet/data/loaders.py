@@ -149,17 +149,20 @@ class ReproducibleQuasiRandom(QuasiRandom):
 class ShardedOrder(TraversalOrder):
     """FFCV's traversal order for `raysnet.data.order`: this rank's shard of every global batch."""
 
-    def __init__(self, loader: Loader, *, batch_size: int, rank: int, world: int):
+    def __init__(self, loader: Loader, *, batch_size: int, rank: int, world: int, max_steps: int | None):
         super().__init__(loader)
-        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.batch_size, self.rank, self.world, self.max_steps = batch_size, rank, world, max_steps
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return order.rank_order(len(self.indices), self.batch_size, self.seed, epoch, self.rank, self.world)
+        return order.rank_order(len(self.indices), self.batch_size, self.seed, epoch, self.rank, self.world,
+                                self.max_steps)
 
 
 def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, device: torch.device, seed: int,
-                 distributed: bool, channels_last: bool, drop_last_train: bool = True) -> tuple[Loader, Loader]:
-    """(train_loader, val_loader) for this worker; `batch_size` is the global batch.
+                 distributed: bool, channels_last: bool, drop_last_train: bool = True,
+                 max_steps: int | None = None) -> tuple[Loader, Loader]:
+    """(train_loader, val_loader) for this worker; `batch_size` is the global batch. `max_steps`
+    (run.max_steps) ends each training epoch there: no epoch is left decoding in FFCV's thread.
 
     Train: this rank's shard of every global batch of `raysnet.data.order` (the same batches at
     every world size; one worker: FFCV's RANDOM order); with data.os_cache=False and one worker,
@@ -195,7 +198,8 @@ def make_loaders(data: DataConfig, meta: dict[str, Any], batch_size: int, *, dev
     if quasi:
         train.traversal_order = ReproducibleQuasiRandom(train)
     elif drop_last_train:
-        train.traversal_order = ShardedOrder(train, batch_size=batch_size, rank=rank, world=world)
+        train.traversal_order = ShardedOrder(train, batch_size=batch_size, rank=rank, world=world,
+                                             max_steps=max_steps)
     train.first_traversal_order = train.next_traversal_order()
     if len(train) == 0:
         raise UsageError(f"batch_size {batch_size} is larger than the {meta['splits']['train']['samples']} "

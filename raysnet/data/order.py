@@ -46,10 +46,11 @@ def epoch_order(samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(seed + epoch).permutation(samples)
 
 
-def rank_order(samples: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+def rank_order(samples: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+               max_steps: int | None = None) -> np.ndarray:
     """The sample indices rank `rank` of `world` trains on in `epoch`, batch after batch: its shard of
-    each global batch (shard_sizes(batch_size, world)[rank] samples a step)."""
-    steps = steps_per_epoch(samples, batch_size)
+    each global batch (shard_sizes(batch_size, world)[rank] samples a step), the first `max_steps`."""
+    steps = steps_per_epoch(samples, batch_size, max_steps)
     batches = epoch_order(samples, seed, epoch)[:steps * batch_size].reshape(steps, batch_size)
     start = sum(shard_sizes(batch_size, world)[:rank])
     return batches[:, start:start + shard_sizes(batch_size, world)[rank]].reshape(-1)

@@ -244,7 +244,7 @@ def _loaders(cfg: Config, meta: dict[str, Any], world: int, device: torch.device
         # are one knob: size it to the CPUs Ray gave this worker, or workers oversubscribe the cores.
         data = dataclasses.replace(data, loader_workers=cfg.run.cpus_per_worker)
     return make_loaders(data, meta, cfg.batch_size, device=device, seed=cfg.run.seed,
-                        distributed=world > 1, channels_last=cfg.model.channels_last)
+                        distributed=world > 1, channels_last=cfg.model.channels_last, max_steps=cfg.run.max_steps)
 
 
 def _network(cfg: Config, classes: int, initialise: bool) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
