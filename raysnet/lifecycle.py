@@ -48,8 +48,8 @@ RESUMABLE_KEYS = {"run.max_failures", "run.workers", "run.resize_check_s", "run.
                   "data.loader_workers", "tracking.log_model", "model.compile", "model.compile_mode",
                   "run.ddp_static_graph", "data.loader", "run.progress_s", "tracking.step_every",
                   "tracking.system_metrics_s", "tracking.register"}
-# In the run's directory: the name of the elastic run's resource request (`_take_over_reservation`).
-RESERVATION_NOTE = "elastic-request.json"
+# In the run's directory: the name of the run's resource request in Ray (`_take_over_reservation`).
+RESERVATION_NOTE = "ray-request.json"
 # How long an elastic run's worker group may wait to be placed before Ray tries another size.
 ELASTIC_PLACEMENT_S = 10
 # A job submitted with --working-dir runs in a copy Ray deletes later (see README, "Submit to a cluster").
